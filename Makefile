@@ -1,0 +1,58 @@
+# The two commands of the README: `make run` and `make test`.
+# Both install into .venv, start a local Kafka (unless KAFKA_BOOTSTRAP_SERVERS
+# names one) and stop what they started.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KAFKA := deploy/kafka/kafka.sh
+
+# `make test` runs its own broker on other ports than `make run`, so both can run at once.
+TEST_KAFKA_ENV := KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 KAFKA_STATE_DIR=$(CURDIR)/.kafka-test
+
+.PHONY: install run test lint unit schemas kafka-up kafka-down clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: install
+	@deploy/run-demo.sh
+
+test: install
+	@status=0; \
+	$(TEST_KAFKA_ENV) $(KAFKA) start || exit 1; \
+	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(TEST_KAFKA_ENV) $(KAFKA) bootstrap)}; \
+	$(BIN)/pytest || status=$$?; \
+	$(MAKE) --no-print-directory lint || status=$$?; \
+	$(TEST_KAFKA_ENV) $(KAFKA) stop; \
+	if [ $$status -eq 0 ]; then echo "make test: all green"; else echo "make test: FAILED ($$status)"; fi; \
+	exit $$status
+
+lint: install
+	$(BIN)/ruff check service tests
+	$(BIN)/ruff format --check service tests
+	$(BIN)/mypy
+	$(BIN)/trialwatch schemas --check
+
+unit: install
+	$(BIN)/pytest tests/unit
+
+schemas: install
+	$(BIN)/trialwatch schemas
+
+kafka-up:
+	@$(KAFKA) start
+
+kafka-down:
+	@$(KAFKA) stop
+
+clean:
+	rm -rf $(VENV) .kafka .kafka-test trialwatch-data .mypy_cache .ruff_cache .pytest_cache

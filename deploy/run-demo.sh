@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make run`: a local Kafka, the worker with /health and /metrics, the seed
+# cohort published, and the alerts printed as they arrive. Ctrl-C stops all
+# of it (the broker only if this script started it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+KAFKA=deploy/kafka/kafka.sh
+COHORT=${TRIALWATCH_DEMO_COHORT:-seeds/demo-cohort.jsonl}
+PORT=${TRIALWATCH_WEB_PORT:-6066}
+mkdir -p trialwatch-data
+worker_pid=""
+started_kafka=""
+
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  if [ -n "$worker_pid" ] && kill -0 "$worker_pid" 2>/dev/null; then
+    echo "stopping the worker (pid $worker_pid)"
+    kill -TERM "$worker_pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$worker_pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL "$worker_pid" 2>/dev/null || true
+  fi
+  if [ -n "$started_kafka" ]; then "$KAFKA" stop; fi
+}
+trap cleanup INT TERM EXIT
+
+if [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
+  "$KAFKA" start
+  started_kafka=1
+fi
+export KAFKA_BOOTSTRAP_SERVERS=${KAFKA_BOOTSTRAP_SERVERS:-$("$KAFKA" bootstrap)}
+
+"$BIN/trialwatch" topics
+TRIALWATCH_WEB_PORT=$PORT "$BIN/trialwatch" worker >trialwatch-data/worker.log 2>&1 &
+worker_pid=$!
+echo "worker started (pid $worker_pid), log: trialwatch-data/worker.log"
+
+# Ready when it owns partitions and has recovered its table.
+for _ in $(seq 1 120); do
+  if curl -fsS "http://127.0.0.1:$PORT/health" 2>/dev/null | grep -q '"consuming": *true'; then break; fi
+  kill -0 "$worker_pid" 2>/dev/null || { echo "the worker exited; its log:"; tail -n 40 trialwatch-data/worker.log; exit 1; }
+  sleep 0.5
+done
+echo "health:  http://127.0.0.1:$PORT/health"
+echo "metrics: http://127.0.0.1:$PORT/metrics"
+
+"$BIN/trialwatch" publish "$COHORT"
+echo
+echo "DSMB alerts (unblinded stream trial.alerts.v1); Ctrl-C to stop everything:"
+"$BIN/trialwatch" alerts

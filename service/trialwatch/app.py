@@ -1,0 +1,126 @@
+"""The Faust application: one agent over the five input topics, a changelog-backed subjects table."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import structlog
+
+import faust
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from trialwatch.contract import INPUT_TOPICS
+from trialwatch.engine import Engine
+from trialwatch.metrics import Metrics
+from trialwatch.protocol import load_protocol
+from trialwatch.settings import Settings
+from trialwatch.worker import Record, SubjectWorker
+
+# Records stay bytes end to end: decoding is ours (pydantic), so a record
+# that is not JSON reaches the dead-letter path instead of failing in Faust.
+log = structlog.get_logger("trialwatch.app")
+
+_RAW = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
+    """Wire the service: settings, protocol, engine, metrics, Faust app, agent and web pages."""
+    reg = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(reg)
+    engine = Engine(load_protocol(settings.protocol_file))
+
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{server}" for server in settings.bootstrap_list],
+        store=settings.store,
+        datadir=str(settings.data_dir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        # Offsets of a new consumer group start at the beginning: an event
+        # published before the first worker started is still checked.
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_bind=settings.web_bind,
+        web_port=settings.web_port,
+        web_host=settings.web_bind,
+        # Faust's own pages would serve the subjects table (patient data) and
+        # the cluster layout; none of them is meant for anyone.
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        web_metrics_enabled=False,
+        # Unprefixed, millisecond metrics; ours are on /metrics.
+        debug=False,
+        # Raw bytes everywhere by default, so no Faust codec can crash the
+        # agent on a record that is not JSON (it would be acked and lost).
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+    subjects = app.Table("subjects", default=None, partitions=settings.partitions, schema=_RAW)
+    inputs = app.topic(*INPUT_TOPICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    outputs: dict[str, faust.TopicT] = {}
+
+    async def send(topic: str, key: bytes, value: bytes) -> Any:
+        channel = outputs.get(topic)
+        if channel is None:
+            channel = outputs[topic] = app.topic(topic, schema=_RAW)
+        return await channel.send(key=key, value=value)
+
+    worker = SubjectWorker(
+        engine,
+        metrics,
+        send,
+        retry_initial_s=settings.send_retry_initial_s,
+        retry_max_s=settings.send_retry_max_s,
+    )
+
+    @app.agent(inputs, name="trialwatch.subjects")
+    async def subjects_agent(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            record = Record(
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                key=msg.key,
+                value=msg.value,
+                timestamp_s=msg.timestamp,
+            )
+            try:
+                await worker.handle(record, subjects)
+            except BaseException:
+                # An exception escaping a Faust agent acks the record and
+                # stops the agent while the worker looks healthy: events
+                # would be committed unprocessed. Exit at once instead, so
+                # the offset stays uncommitted and a restart re-processes it.
+                log.critical(
+                    "unrecoverable error; exiting so the event is re-processed",
+                    topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                    exc_info=True,
+                )
+                os._exit(70)
+
+    def consuming() -> bool:
+        return bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+
+    @app.page("/health")
+    class Health(View):
+        async def get(self, request: Request) -> Response:
+            ready = consuming()
+            metrics.ready.set(1 if ready else 0)
+            return self.json({"status": "ok", "consuming": ready})
+
+    @app.page("/metrics")
+    class PrometheusMetrics(View):
+        async def get(self, request: Request) -> Response:
+            metrics.ready.set(1 if consuming() else 0)
+            # aiohttp wants the charset apart from the content type.
+            return self.text(generate_latest(reg).decode(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    return app

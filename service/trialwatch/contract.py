@@ -1,0 +1,317 @@
+"""The v1 event contract as pydantic models: what hospitals publish, what the DSMB receives."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from trialwatch.units import ANALYTE_LOINC, Analyte, unit_fits
+
+# Topic names are fixed by the v1 contract.
+ENROLLMENT = "trial.enrollment.v1"
+TREATMENT = "trial.treatment.v1"
+LABS = "trial.labs.v1"
+SCANS = "trial.scans.v1"
+ADVERSE_EVENTS = "trial.adverse-events.v1"
+ALERTS = "trial.alerts.v1"
+ALERTS_MASKED = "trial.alerts.masked.v1"
+DEADLETTER = "trial.deadletter.v1"
+
+INPUT_TOPICS: tuple[str, ...] = (ENROLLMENT, TREATMENT, LABS, SCANS, ADVERSE_EVENTS)
+OUTPUT_TOPICS: tuple[str, ...] = (ALERTS, ALERTS_MASKED, DEADLETTER)
+
+
+class _Input(BaseModel):
+    """Fields every input message carries.
+
+    Strict mode: a number sent as a string, a bool sent as 0/1 or a naive
+    date-time is a publisher bug the integrator must hear about, not something
+    to coerce silently. Unknown fields are ignored so that additive v1 fields
+    from newer publishers do not bounce.
+    """
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore", allow_inf_nan=False)
+
+    event_id: Annotated[str, Field(min_length=1, max_length=128)]
+    subject_id: Annotated[str, Field(min_length=1, max_length=64)]
+    site_id: Annotated[str, Field(min_length=1, max_length=64)]
+    occurred_at: AwareDatetime
+    recorded_at: AwareDatetime | None = None
+    source: str | None = None
+
+    @property
+    def recorded_or_occurred_at(self) -> datetime:
+        """The reporting clock of an SAE starts at `recorded_at`, defaulting to `occurred_at`."""
+        return self.recorded_at or self.occurred_at
+
+
+class Arm(StrEnum):
+    SBRT = "sbrt"
+    CONTROL = "control"
+
+
+FirstLineRegimen = Literal["atezolizumab+bevacizumab", "sintilimab+bevacizumab", "lenvatinib", "lenvatinib+pd1"]
+SecondLineRegimen = Literal["lenvatinib", "regorafenib", "regorafenib+pd1"]
+
+
+class Enrollment(_Input):
+    """`trial.enrollment.v1`: a subject is enrolled and randomised."""
+
+    arm: Arm
+    first_line_regimen: FirstLineRegimen
+    age_years: Annotated[int, Field(ge=0, le=130)]
+    kps: Annotated[int, Field(ge=0, le=100)]
+    child_pugh_score: Annotated[int, Field(ge=5, le=15)]
+
+
+TreatmentKind = Literal[
+    "second_line_start",
+    "sbrt_fraction",
+    "sbrt_completed",
+    "systemic_held",
+    "systemic_resumed",
+    "withdrawal",
+]
+WithdrawalReason = Literal["progression", "toxicity", "consent_withdrawn", "other"]
+
+
+class Treatment(_Input):
+    """`trial.treatment.v1`: second-line start, SBRT fractions, systemic holds, withdrawal."""
+
+    kind: TreatmentKind
+    regimen: SecondLineRegimen | None = None
+    fraction: Annotated[int, Field(ge=1)] | None = None
+    dose_gy: Annotated[float, Field(gt=0)] | None = None
+    reason: WithdrawalReason | None = None
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Treatment:
+        # The contract ties these fields to their kind; without them the
+        # window and deviation rules would have nothing to check.
+        if self.kind == "second_line_start" and self.regimen is None:
+            raise ValueError("second_line_start requires 'regimen'")
+        if self.kind == "sbrt_fraction" and (self.fraction is None or self.dose_gy is None):
+            raise ValueError("sbrt_fraction requires 'fraction' and 'dose_gy'")
+        if self.kind == "withdrawal" and self.reason is None:
+            raise ValueError("withdrawal requires 'reason'")
+        return self
+
+
+LabStatus = Literal["preliminary", "final", "corrected", "cancelled"]
+
+
+class Lab(_Input):
+    """`trial.labs.v1`: one lab result; `value`, `ref_low`, `ref_high` share `unit`."""
+
+    analyte: Analyte
+    loinc: str | None = None
+    value: Annotated[float, Field(ge=0)]
+    unit: Annotated[str, Field(min_length=1, max_length=32)]
+    ref_low: Annotated[float, Field(ge=0)] | None = None
+    ref_high: Annotated[float, Field(gt=0)] | None = None
+    status: LabStatus = "final"
+    result_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+    @field_validator("unit")
+    @classmethod
+    def _unit_fits_analyte(cls, unit: str, info: ValidationInfo) -> str:
+        analyte = info.data.get("analyte")
+        if analyte is not None and not unit_fits(analyte, unit):
+            raise ValueError(
+                f"unit {unit!r} does not fit analyte {analyte!r}; the accepted units are listed in schemas/README.md"
+            )
+        return unit
+
+    @field_validator("loinc")
+    @classmethod
+    def _loinc_is_a_code_of_analyte(cls, loinc: str | None, info: ValidationInfo) -> str | None:
+        analyte = info.data.get("analyte")
+        if loinc is not None and analyte is not None and loinc not in ANALYTE_LOINC[analyte]:
+            raise ValueError(f"LOINC {loinc!r} is not a code of analyte {analyte!r}")
+        return loinc
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self) -> Lab:
+        if self.ref_low is not None and self.ref_high is not None and self.ref_low > self.ref_high:
+            raise ValueError("ref_low is greater than ref_high")
+        return self
+
+    @property
+    def result_key(self) -> str:
+        """The same result across preliminary, final, corrected and cancelled versions."""
+        return self.result_id or self.event_id
+
+
+class Lesion(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore", allow_inf_nan=False)
+
+    lesion_id: Annotated[str, Field(min_length=1)]
+    organ: Annotated[str, Field(min_length=1)]
+    role: Literal["target", "non_target", "new"]
+    diameter_mm: Annotated[float, Field(ge=0)] | None = None
+    lymph_node: bool = False
+    unequivocal_progression: bool = False
+
+    @model_validator(mode="after")
+    def _target_has_diameter(self) -> Lesion:
+        if self.role == "target" and self.diameter_mm is None:
+            raise ValueError(f"target lesion {self.lesion_id!r} requires 'diameter_mm'")
+        return self
+
+
+class Scan(_Input):
+    """`trial.scans.v1`: one imaging assessment with its lesion measurements."""
+
+    scan_id: Annotated[str, Field(min_length=1)]
+    timepoint: Literal["baseline", "follow_up"]
+    modality: Literal["CT", "MRI", "PET-CT"]
+    lesions: list[Lesion]
+
+    @field_validator("lesions")
+    @classmethod
+    def _unique_lesions(cls, lesions: list[Lesion]) -> list[Lesion]:
+        ids = [lesion.lesion_id for lesion in lesions]
+        if len(ids) != len(set(ids)):
+            raise ValueError("lesion_id values must be unique within a scan")
+        return lesions
+
+
+Attribution = Literal["unrelated", "unlikely", "possible", "probable", "definite"]
+
+
+class AdverseEvent(_Input):
+    """`trial.adverse-events.v1`: one adverse event report, or an update of one (same `ae_id`)."""
+
+    ae_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    term: Annotated[str, Field(min_length=1)]
+    grade: Annotated[int, Field(ge=1, le=5)]
+    serious: bool
+    attribution: Attribution
+    attributed_to: list[Literal["sbrt", "systemic"]] | None = None
+
+    @property
+    def ae_key(self) -> str:
+        return self.ae_id or self.event_id
+
+
+InputEvent = Enrollment | Treatment | Lab | Scan | AdverseEvent
+
+MODEL_BY_TOPIC: dict[str, type[_Input]] = {
+    ENROLLMENT: Enrollment,
+    TREATMENT: Treatment,
+    LABS: Lab,
+    SCANS: Scan,
+    ADVERSE_EVENTS: AdverseEvent,
+}
+TOPIC_BY_MODEL: dict[type[_Input], str] = {model: topic for topic, model in MODEL_BY_TOPIC.items()}
+
+Severity = Literal["info", "warning", "high", "critical"]
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "high": 2, "critical": 3}
+
+# Rules whose mere presence tells a reader which arm a subject is on: the
+# masked stream must never carry them (contract, `trial.alerts.masked.v1`).
+ARM_REVEALING_RULE_PREFIXES: tuple[str, ...] = (
+    "sbrt.",
+    "rild.",
+    "protocol.crossover",
+    "protocol.systemic_held_during_sbrt",
+)
+
+
+class AlertMessage(BaseModel):
+    """One state of an alert on `trial.alerts.v1` (keyed by `alert_id`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alert_id: str
+    revision: Annotated[int, Field(ge=1)]
+    status: Literal["firing", "resolved"]
+    rule: str
+    severity: Severity
+    subject_id: str
+    site_id: str
+    arm: Arm | None = None
+    occurred_at: AwareDatetime
+    raised_at: AwareDatetime
+    ctcae_grade: int | None = None
+    report_due_at: AwareDatetime | None = None
+    evidence: dict[str, Any]
+    summary: str
+
+
+class MaskedAlertMessage(BaseModel):
+    """One state of an alert on `trial.alerts.masked.v1`: no `arm`, no arm-revealing rule."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alert_id: str
+    revision: Annotated[int, Field(ge=1)]
+    status: Literal["firing", "resolved"]
+    rule: str
+    severity: Severity
+    subject_id: str
+    site_id: str
+    occurred_at: AwareDatetime
+    raised_at: AwareDatetime
+    ctcae_grade: int | None = None
+    report_due_at: AwareDatetime | None = None
+    evidence: dict[str, Any]
+    summary: str
+
+
+def reveals_arm(rule: str) -> bool:
+    return rule.startswith(ARM_REVEALING_RULE_PREFIXES)
+
+
+def mask(alert: AlertMessage) -> MaskedAlertMessage | None:
+    """Project a DSMB alert onto the blinded stream, or None when the rule itself reveals the arm."""
+    if reveals_arm(alert.rule):
+        return None
+    return MaskedAlertMessage.model_validate(alert.model_dump(exclude={"arm"}))
+
+
+RejectReason = Literal[
+    "not_json",
+    "not_an_object",
+    "unknown_topic",
+    "missing_field",
+    "wrong_type",
+    "naive_datetime",
+    "unknown_enum_value",
+    "unit_mismatch",
+    "invalid_value",
+    "key_mismatch",
+    "processing_error",
+]
+"""Why an input was rejected; a small fixed set, so it is also a metric label."""
+
+
+class DeadLetter(BaseModel):
+    """A rejected input message on `trial.deadletter.v1`, with what a publisher needs to fix it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reason: RejectReason
+    detail: str = Field(description="What is wrong, in words a publisher can act on")
+    errors: list[dict[str, Any]] = Field(
+        default_factory=list, description="Field-level errors: location, message, error type"
+    )
+    topic: str
+    partition: int
+    offset: int
+    key: str | None = Field(description="The record key as UTF-8 text (or base64: when not UTF-8)")
+    payload: str = Field(description="The original value as UTF-8 text (or base64: when not UTF-8)")
+    event_id: str | None = None
+    rejected_at: AwareDatetime

@@ -1,0 +1,252 @@
+"""Lab rules: `lab.platelets.low` and `lab.bilirubin.high`, one alert per subject, rule and analyte."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from trialwatch.contract import Lab, Severity
+from trialwatch.engine.lifecycle import AlertBook
+from trialwatch.engine.state import LabResult, SubjectState
+from trialwatch.protocol import BilirubinRule, PlateletsRule, Protocol
+from trialwatch.units import CANONICAL_UNIT, to_canonical
+
+_DISPLAY_UNIT = {"10*9/L": "×10⁹/L", "umol/L": "µmol/L"}
+
+
+@dataclass(frozen=True, slots=True)
+class Breach:
+    severity: Severity
+    ctcae_grade: int
+    threshold: str
+    threshold_value: Decimal
+
+
+class LabRule(TypingProtocol):
+    rule: str
+    analyte: str
+
+    def assess(self, result: LabResult) -> Breach | None: ...
+
+    def parameters(self) -> dict[str, Any]: ...
+
+
+def _fmt(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+class PlateletsLow:
+    rule = "lab.platelets.low"
+
+    def __init__(self, spec: PlateletsRule) -> None:
+        self.analyte = spec.analyte
+        self.bands = spec.bands  # mild to severe
+
+    def assess(self, result: LabResult) -> Breach | None:
+        hit = None
+        for band in self.bands:
+            # CTCAE "<50-25": 50 itself is grade 2, so strictly below.
+            if result.value < band.below:
+                hit = band
+        if hit is None:
+            return None
+        return Breach(hit.severity, hit.ctcae_grade, f"< {_fmt(hit.below)} ×10⁹/L", hit.below)
+
+    def parameters(self) -> dict[str, Any]:
+        return {"bands": [{"below": float(b.below), "severity": b.severity} for b in self.bands]}
+
+
+class BilirubinHigh:
+    rule = "lab.bilirubin.high"
+
+    def __init__(self, spec: BilirubinRule) -> None:
+        self.analyte = spec.analyte
+        self.bands = spec.bands  # mild to severe
+
+    def assess(self, result: LabResult) -> Breach | None:
+        hit = None
+        for band in self.bands:
+            # CTCAE ">1.5-3.0 x ULN": exactly 1.5 x ULN is still grade 1.
+            if result.value > band.above_uln * result.uln:
+                hit = band
+        if hit is None:
+            return None
+        limit = hit.above_uln * result.uln
+        return Breach(
+            hit.severity,
+            hit.ctcae_grade,
+            f"> {_fmt(hit.above_uln)} × ULN ({_fmt(limit)} µmol/L)",
+            limit,
+        )
+
+    def parameters(self) -> dict[str, Any]:
+        return {"bands": [{"above_uln": float(b.above_uln), "severity": b.severity} for b in self.bands]}
+
+
+def lab_rules(protocol: Protocol) -> list[LabRule]:
+    return [PlateletsLow(protocol.rules.platelets_low), BilirubinHigh(protocol.rules.bilirubin_high)]
+
+
+def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
+    """Store the lab's version of its result (or drop a cancelled one); returns the result id."""
+    rid = lab.result_key
+    if lab.status == "cancelled":
+        state.labs.pop(rid, None)
+        return rid
+    if lab.ref_high is not None:
+        uln = to_canonical(lab.analyte, lab.ref_high, lab.unit)
+        origin: Any = "site"
+    else:
+        uln = protocol.reference_ranges[lab.analyte].high
+        origin = "protocol_default"
+    state.labs[rid] = LabResult(
+        analyte=lab.analyte,
+        value=to_canonical(lab.analyte, lab.value, lab.unit),
+        unit=CANONICAL_UNIT[lab.analyte],
+        value_as_sent=lab.value,
+        unit_as_sent=lab.unit,
+        uln=uln,
+        uln_origin=origin,
+        at=lab.occurred_at,
+        seq=state.seq,
+        status=lab.status,
+        event_id=lab.event_id,
+    )
+    return rid
+
+
+def _evidence(
+    rule: LabRule, result: LabResult | None, breach: Breach | None, lab: Lab, protocol: Protocol, **extra: Any
+) -> dict[str, Any]:
+    ev: dict[str, Any] = {
+        "event_ids": [lab.event_id],
+        "analyte": rule.analyte,
+        "result_id": lab.result_key,
+        "result_status": lab.status,
+        "protocol_version": protocol.version,
+        "ctcae_version": protocol.ctcae_version,
+        "parameters": rule.parameters(),
+    }
+    if result is not None:
+        ev.update(
+            value=float(result.value),
+            unit=result.unit,
+            value_as_sent=result.value_as_sent,
+            unit_as_sent=result.unit_as_sent,
+            uln=float(result.uln),
+            uln_origin=result.uln_origin,
+            times_uln=float(round(result.value / result.uln, 3)),
+        )
+        if result.uln_origin == "protocol_default":
+            ev["uln_note"] = "no ref_high on the result: the protocol's default ULN was used"
+    if breach is not None:
+        ev["threshold"] = breach.threshold
+        ev["threshold_value"] = float(breach.threshold_value)
+    ev.update(extra)
+    return ev
+
+
+def _label(rule: LabRule, result: LabResult) -> str:
+    name = "Platelets" if rule.analyte == "platelets" else "Total bilirubin"
+    return f"{name} {_fmt(result.value)} {_DISPLAY_UNIT.get(result.unit, result.unit)}"
+
+
+def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: Protocol) -> None:
+    """Bring the rule's alert for this analyte in line with the subject's current results.
+
+    The newest result (by clinical time) decides whether the alert is firing.
+    A late result that breached in the past, with no alert covering that time,
+    opens and at once resolves an alert: the DSMB still learns of the episode.
+    """
+    state = book.state
+    results = {rid: r for rid, r in state.labs.items() if r.analyte == rule.analyte}
+    breaches = {rid: b for rid, r in results.items() if (b := rule.assess(r)) is not None}
+    latest_id = max(results, key=lambda rid: (results[rid].at, results[rid].seq), default=None)
+    latest = results[latest_id] if latest_id is not None else None
+    key = rule.analyte
+    changed_result = results.get(changed)
+    changed_breach = breaches.get(changed)
+    rec = book.open_record(rule.rule, key)
+
+    if rec is not None:
+        rec.support = [rid for rid in rec.support if rid in breaches]
+        if changed_breach is not None and changed not in rec.support and changed_result is not None:
+            rec.support.append(changed)
+        if not rec.support or latest_id not in breaches:
+            why = (
+                "the results it rested on were cancelled or corrected"
+                if not rec.support
+                else "a later result no longer breaches"
+            )
+            shown = latest if latest_id not in breaches else None
+            book.resolve(
+                rec,
+                ended_at=latest.at if latest is not None else rec.started_at,
+                evidence=_evidence(rule, shown, None, lab, protocol, resolved_because=why),
+                summary=f"Resolved: {rule.rule}, {why}"
+                + (f" (latest: {_label(rule, shown)})" if shown is not None else ""),
+            )
+            return
+        worst_id = max(rec.support, key=lambda rid: _rank(breaches[rid]))
+        worst = breaches[worst_id]
+        book.escalate(
+            rec,
+            severity=worst.severity,
+            ctcae_grade=worst.ctcae_grade,
+            evidence=_evidence(rule, results[worst_id], worst, lab, protocol),
+            summary=f"Escalated: {_label(rule, results[worst_id])} {worst.threshold} (CTCAE grade {worst.ctcae_grade})",
+        )
+        return
+
+    if latest_id is not None and latest_id in breaches:
+        assert latest is not None
+        support = [latest_id]
+        if changed_breach is not None and changed != latest_id:
+            support.append(changed)
+        worst_id = max(support, key=lambda rid: _rank(breaches[rid]))
+        worst = breaches[worst_id]
+        book.open(
+            rule=rule.rule,
+            key=key,
+            opening_event_id=lab.event_id,
+            severity=worst.severity,
+            ctcae_grade=worst.ctcae_grade,
+            started_at=min(results[rid].at for rid in support),
+            support=support,
+            evidence=_evidence(rule, results[worst_id], worst, lab, protocol),
+            summary=f"{_label(rule, results[worst_id])} {worst.threshold} (CTCAE grade {worst.ctcae_grade})",
+        )
+        return
+
+    if (
+        changed_breach is not None
+        and changed_result is not None
+        and latest is not None
+        and not book.covered_by_closed_episode(rule.rule, key, changed_result.at)
+    ):
+        rec = book.open(
+            rule=rule.rule,
+            key=key,
+            opening_event_id=lab.event_id,
+            severity=changed_breach.severity,
+            ctcae_grade=changed_breach.ctcae_grade,
+            started_at=changed_result.at,
+            support=[changed],
+            evidence=_evidence(rule, changed_result, changed_breach, lab, protocol, late_result=True),
+            summary=(
+                f"{_label(rule, changed_result)} {changed_breach.threshold} "
+                f"(CTCAE grade {changed_breach.ctcae_grade}), reported after a later normal result"
+            ),
+        )
+        book.resolve(
+            rec,
+            ended_at=latest.at,
+            evidence=_evidence(rule, latest, None, lab, protocol, resolved_because="a later result no longer breaches"),
+            summary=f"Resolved: {_label(rule, latest)}, the later result no longer breaches",
+        )
+
+
+def _rank(breach: Breach) -> int:
+    return breach.ctcae_grade

@@ -1,0 +1,121 @@
+"""The alert lifecycle shared by every rule: open, escalate, resolve, with deterministic ids."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+from trialwatch.contract import SEVERITY_RANK, AlertMessage, Severity
+from trialwatch.engine.state import AlertRecord, Episode, SubjectState
+
+
+def alert_id(trial: str, subject_id: str, rule: str, key: str, opening_event_id: str) -> str:
+    """Same inputs, same id: re-processing an event after a crash re-derives the alert it raised.
+
+    The opening event's id is part of the identity so that a new episode after
+    a resolution gets a new alert, as the contract asks.
+    """
+    material = "\x1f".join((trial, subject_id, rule, key, opening_event_id)).encode()
+    return hashlib.sha256(material).hexdigest()[:32]
+
+
+class AlertBook:
+    """Applies lifecycle transitions to a subject's alert records and collects the messages.
+
+    One book per `apply` call: it stamps every message with the same clinical
+    and service time.
+    """
+
+    def __init__(self, state: SubjectState, trial: str, occurred_at: datetime, now: datetime) -> None:
+        self.state = state
+        self.trial = trial
+        self.occurred_at = occurred_at
+        self.now = now
+        self.messages: list[AlertMessage] = []
+
+    def open_record(self, rule: str, key: str) -> AlertRecord | None:
+        rec = self.state.alerts.get(f"{rule}|{key}")
+        return rec if rec is not None and rec.status == "firing" else None
+
+    def covered_by_closed_episode(self, rule: str, key: str, at: datetime) -> bool:
+        episodes = self.state.closed_episodes.get(f"{rule}|{key}", ())
+        return any(ep.started_at <= at <= ep.ended_at for ep in episodes)
+
+    def open(
+        self,
+        *,
+        rule: str,
+        key: str,
+        opening_event_id: str,
+        severity: Severity,
+        started_at: datetime,
+        evidence: dict[str, Any],
+        summary: str,
+        ctcae_grade: int | None = None,
+        report_due_at: datetime | None = None,
+        support: list[str] | None = None,
+    ) -> AlertRecord:
+        rec = AlertRecord(
+            alert_id=alert_id(self.trial, self.state.subject_id, rule, key, opening_event_id),
+            rule=rule,
+            key=key,
+            revision=1,
+            status="firing",
+            severity=severity,
+            ctcae_grade=ctcae_grade,
+            report_due_at=report_due_at,
+            support=support or [],
+            started_at=started_at,
+        )
+        self.state.alerts[f"{rule}|{key}"] = rec
+        self._emit(rec, evidence, summary)
+        return rec
+
+    def escalate(
+        self,
+        rec: AlertRecord,
+        *,
+        severity: Severity,
+        evidence: dict[str, Any],
+        summary: str,
+        ctcae_grade: int | None = None,
+    ) -> bool:
+        """Raise the severity; a same-or-lower severity while open produces nothing (contract)."""
+        if SEVERITY_RANK[severity] <= SEVERITY_RANK[rec.severity]:
+            return False
+        rec.severity = severity
+        rec.revision += 1
+        if ctcae_grade is not None:
+            rec.ctcae_grade = ctcae_grade
+        self._emit(rec, evidence, summary)
+        return True
+
+    def resolve(self, rec: AlertRecord, *, ended_at: datetime, evidence: dict[str, Any], summary: str) -> None:
+        rec.status = "resolved"
+        rec.revision += 1
+        rec.support = []
+        self.state.closed_episodes.setdefault(f"{rec.rule}|{rec.key}", []).append(
+            Episode(started_at=rec.started_at, ended_at=max(ended_at, rec.started_at))
+        )
+        self._emit(rec, evidence, summary)
+
+    def _emit(self, rec: AlertRecord, evidence: dict[str, Any], summary: str) -> None:
+        self.messages.append(
+            AlertMessage(
+                alert_id=rec.alert_id,
+                revision=rec.revision,
+                status=rec.status,
+                rule=rec.rule,
+                severity=rec.severity,
+                subject_id=self.state.subject_id,
+                site_id=self.state.site_id,
+                arm=self.state.arm,
+                occurred_at=self.occurred_at,
+                raised_at=self.now,
+                ctcae_grade=rec.ctcae_grade,
+                report_due_at=rec.report_due_at,
+                evidence=evidence,
+                summary=summary,
+            )
+        )

@@ -1,0 +1,91 @@
+"""A subject's state between events: what the rules remember, small enough to serialise per event."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from trialwatch.contract import Arm, Severity
+
+
+class _State(BaseModel):
+    # Mutable on purpose: the engine owns the state it is handed and updates
+    # it in place, which keeps the per-event cost to one decode and one encode.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class LabResult(_State):
+    """The current version of one lab result (`result_id`), in the analyte's canonical unit."""
+
+    analyte: str
+    value: Decimal
+    unit: str
+    value_as_sent: float
+    unit_as_sent: str
+    uln: Decimal
+    uln_origin: Literal["site", "protocol_default"]
+    at: datetime
+    seq: int
+    status: str
+    event_id: str
+
+
+class AdverseEventReport(_State):
+    """The current version of one adverse event (`ae_id`): the update recorded last."""
+
+    term: str
+    grade: int
+    serious: bool
+    attribution: str
+    attributed_to: list[str] | None
+    at: datetime
+    seq: int
+    event_id: str
+
+
+class Episode(_State):
+    """Clinical time span of a closed alert, so a late result inside it does not reopen it."""
+
+    started_at: datetime
+    ended_at: datetime
+
+
+class AlertRecord(_State):
+    """The latest state of one alert of a subject, open or resolved."""
+
+    alert_id: str
+    rule: str
+    key: str
+    revision: int
+    status: Literal["firing", "resolved"]
+    severity: Severity
+    ctcae_grade: int | None = None
+    report_due_at: datetime | None = None
+    support: list[str] = []
+    started_at: datetime
+
+
+class SubjectState(_State):
+    subject_id: str
+    site_id: str
+    arm: Arm | None = None
+    enrolled_event_id: str | None = None
+    seq: int = 0
+    seen_event_ids: set[str] = set()
+    labs: dict[str, LabResult] = {}
+    adverse_events: dict[str, AdverseEventReport] = {}
+    # Keyed by "<rule>|<episode key>": the current or last alert of that kind.
+    alerts: dict[str, AlertRecord] = {}
+    closed_episodes: dict[str, list[Episode]] = {}
+    # Earliest pending deadline (SBRT window, ...); None while nothing is due.
+    next_deadline_at: datetime | None = None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SubjectState:
+        return cls.model_validate_json(data)

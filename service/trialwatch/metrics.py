@@ -1,0 +1,62 @@
+"""Prometheus metrics of the worker, on a registry passed in (never the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from trialwatch import __version__
+
+# Processing one event is sub-millisecond when healthy; the top buckets catch
+# stalls on Kafka retries.
+_PROCESSING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """The service's metric families. Labels never carry a subject, event or alert id, nor the arm."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events_consumed = Counter(
+            "trialwatch_events_consumed_total",
+            "Input records consumed, by topic",
+            ["topic"],
+            registry=registry,
+        )
+        self.events_rejected = Counter(
+            "trialwatch_events_rejected_total",
+            "Input records rejected to the dead-letter topic, by topic and reason",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.alerts_produced = Counter(
+            "trialwatch_alerts_produced_total",
+            "Alert messages produced to the DSMB stream, by rule, severity and status",
+            ["rule", "severity", "status"],
+            registry=registry,
+        )
+        self.processing_seconds = Histogram(
+            "trialwatch_event_processing_duration_seconds",
+            "Time to decode, evaluate and publish the results of one input record",
+            buckets=_PROCESSING_BUCKETS,
+            registry=registry,
+        )
+        self.event_to_alert_seconds = Histogram(
+            "trialwatch_event_to_alert_latency_seconds",
+            "From the input record's Kafka timestamp to its alert messages being acknowledged by Kafka",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.send_retries = Counter(
+            "trialwatch_send_retries_total",
+            "Produce attempts to an output topic that failed and were retried",
+            ["topic"],
+            registry=registry,
+        )
+        self.build_info = Info("trialwatch_build", "Version of the running service", registry=registry)
+        self.build_info.info({"version": __version__})
+        self.ready = Gauge(
+            "trialwatch_worker_ready",
+            "1 when the worker has recovered its tables and is consuming",
+            registry=registry,
+        )

@@ -1,0 +1,114 @@
+"""The trial protocol as data: thresholds, windows and defaults, loaded from `seeds/protocol-v1.toml`."""
+
+from __future__ import annotations
+
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trialwatch.contract import SEVERITY_RANK, Severity
+from trialwatch.units import CANONICAL_UNIT, ucum
+
+DEFAULT_PROTOCOL_PATH = Path(__file__).resolve().parents[2] / "seeds" / "protocol-v1.toml"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ReferenceRange(_Frozen):
+    low: Decimal
+    high: Decimal
+    unit: str
+
+
+class BelowBand(_Frozen):
+    below: Decimal
+    severity: Severity
+    ctcae_grade: int
+
+
+class AboveUlnBand(_Frozen):
+    above_uln: Decimal
+    severity: Severity
+    ctcae_grade: int
+
+
+class PlateletsRule(_Frozen):
+    analyte: str
+    bands: Annotated[list[BelowBand], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _bands_tighten(self) -> PlateletsRule:
+        # Sorted from mild to severe: a lower cut-off must mean a worse severity.
+        ordered = sorted(self.bands, key=lambda b: b.below, reverse=True)
+        ranks = [SEVERITY_RANK[b.severity] for b in ordered]
+        if ranks != sorted(ranks):
+            raise ValueError("platelet bands: a lower cut-off must not lower the severity")
+        object.__setattr__(self, "bands", ordered)
+        return self
+
+
+class BilirubinRule(_Frozen):
+    analyte: str
+    bands: Annotated[list[AboveUlnBand], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _bands_tighten(self) -> BilirubinRule:
+        ordered = sorted(self.bands, key=lambda b: b.above_uln)
+        ranks = [SEVERITY_RANK[b.severity] for b in ordered]
+        if ranks != sorted(ranks):
+            raise ValueError("bilirubin bands: a higher multiple must not lower the severity")
+        object.__setattr__(self, "bands", ordered)
+        return self
+
+
+class AeGradeRule(_Frozen):
+    min_grade: Annotated[int, Field(ge=1, le=5)]
+    severity_by_grade: dict[int, Severity]
+
+
+class AeSeriousRule(_Frozen):
+    severity: Severity
+    report_within_hours: Annotated[int, Field(gt=0)]
+
+
+class Rules(_Frozen):
+    platelets_low: PlateletsRule = Field(alias="lab.platelets.low")
+    bilirubin_high: BilirubinRule = Field(alias="lab.bilirubin.high")
+    ae_grade3plus: AeGradeRule = Field(alias="ae.grade3plus")
+    ae_serious: AeSeriousRule = Field(alias="ae.serious")
+
+
+class Protocol(_Frozen):
+    version: str
+    trial: str
+    ctcae_version: str
+    reference_ranges: dict[str, ReferenceRange]
+    rules: Rules
+
+    @model_validator(mode="after")
+    def _ranges_in_canonical_units(self) -> Protocol:
+        # Rules compare canonical values; a default range in another unit
+        # would silently shift every threshold.
+        for analyte, unit in CANONICAL_UNIT.items():
+            rng = self.reference_ranges.get(analyte)
+            if rng is None:
+                raise ValueError(f"reference_ranges lacks {analyte!r}")
+            if ucum(rng.unit) != unit:
+                raise ValueError(f"reference range of {analyte!r} must be in {unit}, not {rng.unit}")
+        return self
+
+
+def load_protocol(path: Path = DEFAULT_PROTOCOL_PATH) -> Protocol:
+    """Read and check the protocol file; a bad file fails start-up, never a rule at run time."""
+    with path.open("rb") as f:
+        raw = tomllib.load(f)
+    # TOML inline-table keys are strings; the grade map wants ints.
+    grades = raw.get("rules", {}).get("ae.grade3plus", {}).get("severity_by_grade")
+    if isinstance(grades, dict):
+        raw["rules"]["ae.grade3plus"]["severity_by_grade"] = {int(k): v for k, v in grades.items()}
+    return Protocol.model_validate(raw)

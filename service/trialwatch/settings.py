@@ -1,0 +1,51 @@
+"""Every setting of the service, read from the environment in this one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trialwatch.protocol import DEFAULT_PROTOCOL_PATH
+
+
+class Settings(BaseSettings):
+    """Frozen settings; environment variables are named `TRIALWATCH_<FIELD>`.
+
+    `KAFKA_BOOTSTRAP_SERVERS` (no prefix) is honoured too, since the Makefile
+    and the Kafka launcher share it.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TRIALWATCH_", frozen=True, extra="ignore")
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias="KAFKA_BOOTSTRAP_SERVERS",
+        description="Kafka bootstrap servers, host:port[,host:port]",
+    )
+    app_id: str = Field(default="trialwatch", description="Consumer group and prefix of internal topics")
+    # Every input topic must have this partition count: the subjects table is
+    # co-partitioned with them, so a subject's events and state meet in one worker.
+    partitions: Annotated[int, Field(ge=1)] = 4
+    replication_factor: Annotated[int, Field(ge=1)] = 1
+    store: str = Field(
+        default="memory://",
+        description="Faust table store; memory:// rebuilds from the changelog on start, rocksdb:// keeps it on disk",
+    )
+    data_dir: Path = Path("trialwatch-data")
+    web_bind: str = "127.0.0.1"
+    web_port: Annotated[int, Field(ge=1, le=65535)] = 6066
+    protocol_file: Path = DEFAULT_PROTOCOL_PATH
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # Back-off bounds when Kafka refuses an alert or dead-letter record. The
+    # worker retries forever (stalling and growing lag, which pages operations)
+    # rather than commit past an alert it could not deliver.
+    send_retry_initial_s: float = 0.2
+    send_retry_max_s: float = 10.0
+
+    @property
+    def bootstrap_list(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
