@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import structlog
-
 import faust
+import structlog
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
