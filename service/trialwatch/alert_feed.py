@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import uuid
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from trialwatch.contract import AlertMessage, MaskedAlertMessage
@@ -27,20 +26,37 @@ def render(alert: AlertMessage | MaskedAlertMessage) -> str:
     )
 
 
+async def reader(bootstrap: list[str] | str, topic: str) -> AIOKafkaConsumer:
+    """A started consumer of every partition of `topic` from its beginning.
+
+    No consumer group: a reader must never move the service's offsets, and a
+    group join racing the first fetches was seen to drop a record in tests.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        # aiokafka has no public "partitions of a topic, fetched now" call for
+        # an unsubscribed consumer; the client's metadata fetch is what
+        # `topics()` uses inside. Version pinned in pyproject.toml.
+        metadata = await consumer._client.fetch_all_metadata()
+        partitions = metadata.partitions_for_topic(topic)
+        if not partitions:
+            raise RuntimeError(f"topic {topic} does not exist; run `trialwatch topics`")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
+
+
 async def follow_alerts(
     settings: Settings, topic: str, *, as_json: bool = False, idle_exit_s: float | None = None
 ) -> int:
     """Print alerts from the start of the topic, each (alert_id, revision) once; returns how many."""
     model: Any = MaskedAlertMessage if topic.endswith("masked.v1") else AlertMessage
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=settings.bootstrap_list,
-        # A throw-away group: a reader never moves the service's offsets.
-        group_id=f"trialwatch-reader-{uuid.uuid4().hex[:8]}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
+    consumer = await reader(settings.bootstrap_list, topic)
     seen: set[tuple[str, int]] = set()
     try:
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import faust
@@ -15,13 +16,14 @@ from trialwatch.engine import Engine
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
 from trialwatch.settings import Settings
+from trialwatch.watchdog import find_stalls
 from trialwatch.worker import Record, SubjectWorker
+
+log = structlog.get_logger("trialwatch.app")
 
 # Records stay bytes end to end: decoding is ours (pydantic), so a record
 # that is not JSON reaches the dead-letter path instead of failing in Faust.
-log = structlog.get_logger("trialwatch.app")
-
-_RAW = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+_RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
@@ -41,6 +43,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # published before the first worker started is still checked.
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.session_timeout_s / 10,
         web_bind=settings.web_bind,
         web_port=settings.web_port,
         web_host=settings.web_bind,
@@ -59,14 +63,17 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         value_serializer="raw",
     )
 
-    subjects = app.Table("subjects", default=None, partitions=settings.partitions, schema=_RAW)
-    inputs = app.topic(*INPUT_TOPICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    # Faust derives a table's changelog codecs from key_type/value_type (not
+    # from a schema); anything but bytes would make recovery JSON-decode our
+    # raw keys, log a warning per record and never finish.
+    subjects = app.Table("subjects", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
+    inputs = app.topic(*INPUT_TOPICS, **_RAW)
     outputs: dict[str, faust.TopicT] = {}
 
     async def send(topic: str, key: bytes, value: bytes) -> Any:
         channel = outputs.get(topic)
         if channel is None:
-            channel = outputs[topic] = app.topic(topic, schema=_RAW)
+            channel = outputs[topic] = app.topic(topic, **_RAW)
         return await channel.send(key=key, value=value)
 
     worker = SubjectWorker(
@@ -104,6 +111,42 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                     exc_info=True,
                 )
                 os._exit(70)
+
+    tried: dict[Any, tuple[int, int]] = {}
+
+    @app.timer(interval=settings.stall_check_interval_s)  # type: ignore[untyped-decorator]
+    async def stall_watchdog() -> None:
+        if app.rebalancing or not consuming():
+            return
+        consumer = app.consumer
+        tps = [tp for tp in consumer.assignment() if tp.topic in INPUT_TOPICS]
+        if not tps or worker.busy:
+            return
+        highwaters = await consumer.highwaters(*tps)
+        earliest = await consumer.earliest_offsets(*tps)
+        # Faust's view of what it committed (Kafka semantics: next offset to
+        # read); None where this group never committed the partition.
+        committed = {tp: consumer._committed_offset.get(tp) for tp in tps}  # type: ignore[attr-defined]
+        committed = {tp: (off if off is not None else earliest.get(tp)) for tp, off in committed.items()}
+        stalls = find_stalls(
+            committed,
+            highwaters,
+            idle_s=time.monotonic() - worker.last_activity,
+            idle_threshold_s=settings.stall_idle_s,
+            busy=worker.busy,
+            already_tried=tried,
+        )
+        for stall in stalls:
+            log.warning(
+                "records beyond the committed offset while idle; re-reading them",
+                topic=stall.tp.topic,
+                partition=stall.tp.partition,
+                committed=stall.committed,
+                highwater=stall.highwater,
+            )
+            tried[stall.tp] = (stall.committed, stall.highwater)
+            metrics.stalls_recovered.labels(stall.tp.topic).inc()
+            await consumer.seek(stall.tp, stall.committed)
 
     def consuming() -> bool:
         return bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from trialwatch.units import ANALYTE_LOINC, Analyte, unit_fits
 
@@ -30,6 +31,11 @@ DEADLETTER = "trial.deadletter.v1"
 
 INPUT_TOPICS: tuple[str, ...] = (ENROLLMENT, TREATMENT, LABS, SCANS, ADVERSE_EVENTS)
 OUTPUT_TOPICS: tuple[str, ...] = (ALERTS, ALERTS_MASKED, DEADLETTER)
+
+
+def missing_field(message: str) -> PydanticCustomError:
+    """A field the contract requires in this context is absent (dead-letter reason `missing_field`)."""
+    return PydanticCustomError("missing_field", message)
 
 
 class _Input(BaseModel):
@@ -100,12 +106,14 @@ class Treatment(_Input):
     def _kind_fields(self) -> Treatment:
         # The contract ties these fields to their kind; without them the
         # window and deviation rules would have nothing to check.
-        if self.kind == "second_line_start" and self.regimen is None:
-            raise ValueError("second_line_start requires 'regimen'")
-        if self.kind == "sbrt_fraction" and (self.fraction is None or self.dose_gy is None):
-            raise ValueError("sbrt_fraction requires 'fraction' and 'dose_gy'")
-        if self.kind == "withdrawal" and self.reason is None:
-            raise ValueError("withdrawal requires 'reason'")
+        required = {
+            "second_line_start": ("regimen",),
+            "sbrt_fraction": ("fraction", "dose_gy"),
+            "withdrawal": ("reason",),
+        }.get(self.kind, ())
+        missing = [name for name in required if getattr(self, name) is None]
+        if missing:
+            raise missing_field(f"{self.kind} requires {', '.join(repr(m) for m in missing)}")
         return self
 
 
@@ -167,7 +175,7 @@ class Lesion(BaseModel):
     @model_validator(mode="after")
     def _target_has_diameter(self) -> Lesion:
         if self.role == "target" and self.diameter_mm is None:
-            raise ValueError(f"target lesion {self.lesion_id!r} requires 'diameter_mm'")
+            raise missing_field(f"target lesion {self.lesion_id!r} requires 'diameter_mm'")
         return self
 
 

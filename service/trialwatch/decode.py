@@ -24,6 +24,7 @@ class Rejection:
 # label). The first error of a message decides its reason.
 _REASON_BY_ERROR_TYPE: dict[str, RejectReason] = {
     "missing": "missing_field",
+    "missing_field": "missing_field",
     "timezone_aware": "naive_datetime",
     "literal_error": "unknown_enum_value",
     "enum": "unknown_enum_value",

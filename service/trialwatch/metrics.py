@@ -53,6 +53,12 @@ class Metrics:
             ["topic"],
             registry=registry,
         )
+        self.stalls_recovered = Counter(
+            "trialwatch_stalled_partitions_recovered_total",
+            "Input partitions found with unprocessed records while the worker was idle, and re-read",
+            ["topic"],
+            registry=registry,
+        )
         self.build_info = Info("trialwatch_build", "Version of the running service", registry=registry)
         self.build_info.info({"version": __version__})
         self.ready = Gauge(

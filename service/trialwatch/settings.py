@@ -40,6 +40,15 @@ class Settings(BaseSettings):
     protocol_file: Path = DEFAULT_PROTOCOL_PATH
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    # How long the group waits for a silent worker (crashed, partitioned)
+    # before its partitions move elsewhere. Faust's 60 s default delays
+    # alerts by a minute after a crash; 6 s is the broker's floor.
+    session_timeout_s: Annotated[float, Field(ge=6.0)] = 20.0
+    # Stall watchdog (see watchdog.py): after the agent has been idle this
+    # long (more than Faust's 2.8 s commit interval), records beyond the
+    # committed offset are records nobody is processing; re-read them.
+    stall_idle_s: Annotated[float, Field(gt=3.0)] = 10.0
+    stall_check_interval_s: Annotated[float, Field(gt=0)] = 5.0
     # Back-off bounds when Kafka refuses an alert or dead-letter record. The
     # worker retries forever (stalling and growing lag, which pages operations)
     # rather than commit past an alert it could not deliver.

@@ -54,6 +54,10 @@ class SubjectWorker:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.clock = clock
+        # For the stall watchdog: is a record being handled, and since when is
+        # the agent idle.
+        self.busy = False
+        self.last_activity = time.monotonic()
 
     async def handle(self, record: Record, states: MutableMapping[bytes, bytes]) -> None:
         """Process one input record to completion: its alerts are acknowledged by Kafka on return.
@@ -61,6 +65,14 @@ class SubjectWorker:
         The caller must not let its offset be committed before this returns;
         Faust acks the record when the agent asks for the next one.
         """
+        self.busy = True
+        try:
+            await self._handle(record, states)
+        finally:
+            self.busy = False
+            self.last_activity = time.monotonic()
+
+    async def _handle(self, record: Record, states: MutableMapping[bytes, bytes]) -> None:
         started = time.perf_counter()
         topic = record.topic
         self.metrics.events_consumed.labels(topic).inc()
@@ -91,11 +103,23 @@ class SubjectWorker:
         except Exception as exc:  # noqa: BLE001 - a bug must dead-letter the event, not kill the worker
             bound.exception("engine failed on a valid event")
             await self._dead_letter(
-                record, Rejection("processing_error", f"{type(exc).__name__} in rule evaluation", []), bound
+                record,
+                Rejection("processing_error", f"{type(exc).__name__} in rule evaluation", [], event.event_id),
+                bound,
             )
             return
         if alerts:
             await self._publish_alerts(alerts)
+            for alert in alerts:
+                # Alert ids are opaque hashes: safe to log, unlike subject codes.
+                bound.info(
+                    "alert produced",
+                    alert_id=alert.alert_id,
+                    rule=alert.rule,
+                    severity=alert.severity,
+                    status=alert.status,
+                    revision=alert.revision,
+                )
             if record.timestamp_s is not None:
                 self.metrics.event_to_alert_seconds.observe(max(0.0, time.time() - record.timestamp_s))
         # The state is written after the alerts are acknowledged: a crash in

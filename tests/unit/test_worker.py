@@ -1,0 +1,182 @@
+"""The worker shell around the engine, with a fake producer and a dict for the subjects table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, LABS
+from trialwatch.engine import Engine
+from trialwatch.metrics import Metrics
+from trialwatch.protocol import load_protocol
+from trialwatch.worker import Record, SubjectWorker
+
+
+class FakeProducer:
+    """Records what was sent; fails the first `fail_first` sends the way Kafka would (a failed future)."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.fail_first = fail_first
+        self.attempts = 0
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[Any]:
+        self.attempts += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.attempts <= self.fail_first:
+            fut.set_exception(ConnectionError("broker unavailable"))
+        else:
+            self.sent.append((topic, key, value))
+            fut.set_result(None)
+        return fut
+
+    def on(self, topic: str) -> list[dict[str, Any]]:
+        return [json.loads(v) for t, _, v in self.sent if t == topic]
+
+
+def lab(event_id: str, value: float, subject: str = "S-1", **extra: Any) -> bytes:
+    body = {
+        "event_id": event_id,
+        "subject_id": subject,
+        "site_id": "SITE-A",
+        "occurred_at": "2025-03-01T08:00:00+08:00",
+        "analyte": "platelets",
+        "value": value,
+        "unit": "10*9/L",
+        **extra,
+    }
+    return json.dumps(body).encode()
+
+
+def make_worker(producer: FakeProducer) -> tuple[SubjectWorker, CollectorRegistry]:
+    registry = CollectorRegistry()
+    worker = SubjectWorker(
+        Engine(load_protocol()), Metrics(registry), producer.send, retry_initial_s=0.001, retry_max_s=0.002
+    )
+    return worker, registry
+
+
+def record(value: bytes, key: bytes | None = b"S-1", offset: int = 0) -> Record:
+    return Record(topic=LABS, partition=2, offset=offset, key=key, value=value, timestamp_s=None)
+
+
+class TestDeadLetters:
+    """Bad input becomes a dead-letter record with its coordinates, and nothing else."""
+
+    @pytest.mark.parametrize(
+        ("value", "key", "reason"),
+        [
+            (b"{not json", b"S-1", "not_json"),
+            (b"[1, 2]", b"S-1", "not_an_object"),
+            (lab("e1", 40).replace(b"+08:00", b""), b"S-1", "naive_datetime"),
+            (lab("e1", 40, unit="g/L"), b"S-1", "unit_mismatch"),
+            (lab("e1", 40), b"S-2", "key_mismatch"),
+            (lab("e1", 40), None, "key_mismatch"),
+        ],
+        ids=["not-json", "array", "naive", "unit", "other-key", "no-key"],
+    )
+    async def test_rejected_record_is_dead_lettered_with_reason_and_origin(
+        self, value: bytes, key: bytes | None, reason: str
+    ) -> None:
+        producer = FakeProducer()
+        worker, registry = make_worker(producer)
+        states: dict[bytes, bytes] = {}
+
+        await worker.handle(record(value, key=key, offset=41), states)
+
+        [letter] = producer.on(DEADLETTER)
+        assert (reason, LABS, 2, 41) == (letter["reason"], letter["topic"], letter["partition"], letter["offset"])
+        assert value.decode() == letter["payload"]
+        assert [] == producer.on(ALERTS)
+        assert {} == states
+        assert 1.0 == registry.get_sample_value("trialwatch_events_rejected_total", {"topic": LABS, "reason": reason})
+
+    async def test_valid_event_after_a_rejection_still_alerts(self) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+        states: dict[bytes, bytes] = {}
+
+        await worker.handle(record(b"\xff\xfe garbage", offset=1), states)
+        await worker.handle(record(lab("e2", 40), offset=2), states)
+
+        assert ["not_json"] == [d["reason"] for d in producer.on(DEADLETTER)]
+        assert ["lab.platelets.low"] == [a["rule"] for a in producer.on(ALERTS)]
+
+    async def test_non_utf8_payload_is_kept_as_base64(self) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+
+        await worker.handle(record(b"\xff\xfe", offset=1), {})
+
+        assert "base64://4=" == producer.on(DEADLETTER)[0]["payload"]
+
+
+class TestAlertPublishing:
+    """Alerts go to both streams, the masked one without the arm, before the state is saved."""
+
+    async def test_alert_reaches_dsmb_and_masked_streams_keyed_by_alert_id(self) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+
+        await worker.handle(record(lab("e1", 20)), {})
+
+        [dsmb] = producer.on(ALERTS)
+        [masked] = producer.on(ALERTS_MASKED)
+        assert dsmb["alert_id"].encode() == producer.sent[0][1]
+        assert "arm" in dsmb
+        assert "arm" not in masked
+        assert dsmb["alert_id"] == masked["alert_id"]
+
+    async def test_failed_send_is_retried_and_state_written_only_after_delivery(self) -> None:
+        producer = FakeProducer(fail_first=3)
+        worker, registry = make_worker(producer)
+        states: dict[bytes, bytes] = {}
+
+        await worker.handle(record(lab("e1", 20)), states)
+
+        assert 1 == len(producer.on(ALERTS))
+        assert b"S-1" in states
+        assert registry.get_sample_value("trialwatch_send_retries_total", {"topic": ALERTS}) >= 1
+
+    async def test_state_is_not_written_while_kafka_refuses_the_alert(self) -> None:
+        producer = FakeProducer(fail_first=10_000)
+        worker, _ = make_worker(producer)
+        states: dict[bytes, bytes] = {}
+
+        task = asyncio.create_task(worker.handle(record(lab("e1", 20)), states))
+        await asyncio.sleep(0.05)
+
+        assert not task.done()
+        assert {} == states
+        task.cancel()
+
+    async def test_resent_event_id_produces_nothing_the_second_time(self) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+        states: dict[bytes, bytes] = {}
+
+        await worker.handle(record(lab("e1", 20), offset=1), states)
+        await worker.handle(record(lab("e1", 20), offset=2), states)
+
+        assert 1 == len(producer.on(ALERTS))
+
+
+class TestEngineFailure:
+    """A bug in a rule dead-letters the event instead of killing the worker."""
+
+    async def test_engine_exception_is_dead_lettered_as_processing_error(self) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+
+        def broken(*_: Any) -> Any:
+            raise ZeroDivisionError("boom")
+
+        worker.engine.apply = broken  # type: ignore[method-assign]
+        await worker.handle(record(lab("e1", 20)), {})
+
+        [letter] = producer.on(DEADLETTER)
+        assert ("processing_error", "e1") == (letter["reason"], letter["event_id"])
