@@ -30,7 +30,7 @@ test: install
 	@status=0; \
 	$(TEST_KAFKA_ENV) $(KAFKA) start || exit 1; \
 	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(TEST_KAFKA_ENV) $(KAFKA) bootstrap)}; \
-	$(BIN)/pytest || status=$$?; \
+	TRIALWATCH_REQUIRE_KAFKA=1 $(BIN)/pytest || status=$$?; \
 	$(MAKE) --no-print-directory lint || status=$$?; \
 	$(TEST_KAFKA_ENV) $(KAFKA) stop; \
 	if [ $$status -eq 0 ]; then echo "make test: all green"; else echo "make test: FAILED ($$status)"; fi; \

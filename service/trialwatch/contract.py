@@ -138,7 +138,7 @@ class Lab(_Input):
         analyte = info.data.get("analyte")
         if analyte is not None and not unit_fits(analyte, unit):
             raise ValueError(
-                f"unit {unit!r} does not fit analyte {analyte!r}; the accepted units are listed in schemas/README.md"
+                f"unit {unit!r} does not fit analyte {analyte!r}; the accepted units are listed in schemas/units.json"
             )
         return unit
 
