@@ -13,17 +13,21 @@ worker_pid=""
 started_kafka=""
 
 cleanup() {
-  trap - INT TERM EXIT
-  echo
+  # Finish cleaning up even if the terminal goes away or a second Ctrl-C comes.
+  trap '' INT TERM HUP PIPE
+  trap - EXIT
+  echo 2>/dev/null || true
   if [ -n "$worker_pid" ] && kill -0 "$worker_pid" 2>/dev/null; then
-    echo "stopping the worker (pid $worker_pid)"
+    echo "stopping the worker (pid $worker_pid)" 2>/dev/null || true
     kill -TERM "$worker_pid" 2>/dev/null || true
     for _ in $(seq 1 30); do kill -0 "$worker_pid" 2>/dev/null || break; sleep 0.5; done
     kill -KILL "$worker_pid" 2>/dev/null || true
   fi
-  if [ -n "$started_kafka" ]; then "$KAFKA" stop; fi
+  # The broker we started; KAFKA_BOOTSTRAP_SERVERS was exported for our
+  # children and would make kafka.sh treat it as someone else's.
+  if [ -n "$started_kafka" ]; then env -u KAFKA_BOOTSTRAP_SERVERS "$KAFKA" stop 2>/dev/null || true; fi
 }
-trap cleanup INT TERM EXIT
+trap cleanup INT TERM HUP EXIT
 
 if [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
   "$KAFKA" start
