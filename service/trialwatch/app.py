@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -17,7 +18,7 @@ from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
 from trialwatch.settings import Settings
 from trialwatch.watchdog import find_stalls
-from trialwatch.worker import Record, SubjectWorker
+from trialwatch.worker import Record, SubjectWorker, tick_payload
 
 log = structlog.get_logger("trialwatch.app")
 
@@ -66,8 +67,22 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     # Faust derives a table's changelog codecs from key_type/value_type (not
     # from a schema); anything but bytes would make recovery JSON-decode our
     # raw keys, log a warning per record and never finish.
-    subjects = app.Table("subjects", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
-    inputs = app.topic(*INPUT_TOPICS, **_RAW)
+    async def index_deadline(event: Any) -> None:
+        # Every changelog record read while recovering a partition (after a
+        # restart or when a partition moves here): rebuild the deadline index,
+        # so deadlines that passed while no one owned them fire now.
+        worker.deadlines.update_from_state_bytes(event.message.partition, event.key, event.value)
+
+    subjects = app.Table(
+        "subjects",
+        default=None,
+        partitions=settings.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        on_changelog_event=index_deadline,
+    )
+    consumed = (*INPUT_TOPICS, settings.ticks_topic)
+    inputs = app.topic(*consumed, **_RAW)
     outputs: dict[str, faust.TopicT] = {}
 
     async def send(topic: str, key: bytes, value: bytes) -> Any:
@@ -80,6 +95,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         engine,
         metrics,
         send,
+        ticks_topic=settings.ticks_topic,
         retry_initial_s=settings.send_retry_initial_s,
         retry_max_s=settings.send_retry_max_s,
     )
@@ -112,6 +128,29 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                 )
                 os._exit(70)
 
+    ticks = app.topic(settings.ticks_topic, **_RAW)
+    # (deadline, monotonic time sent) per subject key: one tick per deadline,
+    # re-sent only if the first seems lost.
+    sent: dict[bytes, tuple[Any, float]] = {}
+    resend_after_s = 30.0
+
+    @app.timer(interval=settings.tick_interval_s)  # type: ignore[untyped-decorator]
+    async def deadline_ticker() -> None:
+        if app.rebalancing or not consuming():
+            return
+        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic in INPUT_TOPICS}
+        metrics.pending_deadlines.set(worker.deadlines.pending(owned))
+        now = datetime.now(UTC)
+        for partition, key, deadline in worker.deadlines.due(owned, now):
+            previous = sent.get(key)
+            if previous is not None and previous[0] == deadline and time.monotonic() - previous[1] < resend_after_s:
+                continue
+            # The tick goes to the partition the subject's state lives in,
+            # whatever partitioner the publisher used.
+            await ticks.send(key=key, value=tick_payload(key.decode(), deadline), partition=partition)
+            sent[key] = (deadline, time.monotonic())
+            metrics.ticks_sent.inc()
+
     tried: dict[Any, tuple[int, int]] = {}
 
     @app.timer(interval=settings.stall_check_interval_s)  # type: ignore[untyped-decorator]
@@ -119,7 +158,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         if app.rebalancing or not consuming():
             return
         consumer = app.consumer
-        tps = [tp for tp in consumer.assignment() if tp.topic in INPUT_TOPICS]
+        tps = [tp for tp in consumer.assignment() if tp.topic in consumed]
         if not tps or worker.busy:
             return
         highwaters = await consumer.highwaters(*tps)

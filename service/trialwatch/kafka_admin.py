@@ -28,6 +28,16 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
     rf = settings.replication_factor
     specs = [NewTopic(name, settings.partitions, rf) for name in INPUT_TOPICS]
     specs += [NewTopic(name, settings.partitions, rf, topic_configs=cfg) for name, cfg in OUTPUT_CONFIGS.items()]
+    # Ticks are wake-up calls: the deadlines live in the subjects' state, so a
+    # day of retention is plenty.
+    specs.append(
+        NewTopic(
+            settings.ticks_topic,
+            settings.partitions,
+            rf,
+            topic_configs={"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000)},
+        )
+    )
     return specs
 
 
@@ -53,7 +63,8 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> list[str
         missing = [t for t in wanted if t.name not in existing]
         if missing:
             await admin.create_topics(missing)
-        present = [t.name for t in wanted if t.name in existing and t.name in INPUT_TOPICS]
+        co_partitioned = (*INPUT_TOPICS, settings.ticks_topic)
+        present = [t.name for t in wanted if t.name in existing and t.name in co_partitioned]
         if present:
             described = await admin.describe_topics(present)
             for info in described:

@@ -59,6 +59,16 @@ class Metrics:
             ["topic"],
             registry=registry,
         )
+        self.pending_deadlines = Gauge(
+            "trialwatch_pending_deadlines",
+            "Subjects with a protocol deadline still ahead, on the partitions this worker owns",
+            registry=registry,
+        )
+        self.ticks_sent = Counter(
+            "trialwatch_deadline_ticks_sent_total",
+            "Deadline ticks sent to the internal ticks topic",
+            registry=registry,
+        )
         self.build_info = Info("trialwatch_build", "Version of the running service", registry=registry)
         self.build_info.info({"version": __version__})
         self.ready = Gauge(

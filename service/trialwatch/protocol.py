@@ -76,11 +76,42 @@ class AeSeriousRule(_Frozen):
     report_within_hours: Annotated[int, Field(gt=0)]
 
 
+class SbrtWindowRule(_Frozen):
+    at_risk_after_days: Annotated[int, Field(ge=0)]
+    missed_after_days: Annotated[int, Field(ge=0)]
+    at_risk_severity: Severity
+    missed_severity: Severity
+
+    @model_validator(mode="after")
+    def _at_risk_before_missed(self) -> SbrtWindowRule:
+        if self.at_risk_after_days >= self.missed_after_days:
+            raise ValueError("sbrt.window: at_risk_after_days must be less than missed_after_days")
+        return self
+
+
+class RegimenRule(_Frozen):
+    severity: Severity
+    allowed_second_line: dict[str, list[str]]
+
+
+class CrossoverRule(_Frozen):
+    severity: Severity
+    allowed_after_withdrawal_reason: str
+
+
+class SeverityOnlyRule(_Frozen):
+    severity: Severity
+
+
 class Rules(_Frozen):
     platelets_low: PlateletsRule = Field(alias="lab.platelets.low")
     bilirubin_high: BilirubinRule = Field(alias="lab.bilirubin.high")
     ae_grade3plus: AeGradeRule = Field(alias="ae.grade3plus")
     ae_serious: AeSeriousRule = Field(alias="ae.serious")
+    sbrt_window: SbrtWindowRule = Field(alias="sbrt.window")
+    regimen_mismatch: RegimenRule = Field(alias="protocol.regimen_mismatch")
+    crossover: CrossoverRule = Field(alias="protocol.crossover")
+    systemic_held_during_sbrt: SeverityOnlyRule = Field(alias="protocol.systemic_held_during_sbrt")
 
 
 class Protocol(_Frozen):

@@ -53,17 +53,20 @@ class Replay:
         self.clock: datetime | None = None
 
     def _advance(self, at: datetime) -> list[AlertMessage]:
+        """Fire every deadline due at or before `at`, earliest first, each at its own time."""
         out: list[AlertMessage] = []
-        due = sorted(
-            (s.next_deadline_at, sid)
-            for sid, s in self.states.items()
-            if s.next_deadline_at is not None and s.next_deadline_at <= at
-        )
-        for deadline, sid in due:
+        while True:
+            due = [
+                (s.next_deadline_at, sid)
+                for sid, s in self.states.items()
+                if s.next_deadline_at is not None and s.next_deadline_at <= at
+            ]
+            if not due:
+                return out
+            deadline, sid = min(due)
             state, alerts = self.engine.apply(self.states[sid], Tick(sid, deadline), self._now(deadline))
             self.states[sid] = state
             out.extend(alerts)
-        return out
 
     def _now(self, at: datetime) -> datetime:
         if self.clock is None or at > self.clock:

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # before its partitions move elsewhere. Faust's 60 s default delays
     # alerts by a minute after a crash; 6 s is the broker's floor.
     session_timeout_s: Annotated[float, Field(ge=6.0)] = 20.0
+    # How often the deadline timer looks for subjects whose deadline passed;
+    # a deadline fires at most this long (plus one round trip) after it is due.
+    tick_interval_s: Annotated[float, Field(gt=0)] = 1.0
     # Stall watchdog (see watchdog.py): after the agent has been idle this
     # long (more than Faust's 2.8 s commit interval), records beyond the
     # committed offset are records nobody is processing; re-read them.
@@ -54,6 +57,11 @@ class Settings(BaseSettings):
     # rather than commit past an alert it could not deliver.
     send_retry_initial_s: float = 0.2
     send_retry_max_s: float = 10.0
+
+    @property
+    def ticks_topic(self) -> str:
+        """Internal topic of deadline ticks, co-partitioned with the input topics."""
+        return f"{self.app_id}-deadline-ticks"
 
     @property
     def bootstrap_list(self) -> list[str]:

@@ -7,6 +7,7 @@ mapping and a send function, so the same code runs under fakes in unit tests.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import structlog
 
 from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, AlertMessage, DeadLetter, mask
 from trialwatch.decode import Rejection, decode, printable
-from trialwatch.engine import Engine, SubjectState
+from trialwatch.engine import Engine, SubjectState, Tick
 from trialwatch.metrics import Metrics
 
 # send(topic, key, value) hands a record to the producer and returns an
@@ -37,6 +38,47 @@ class Record:
     timestamp_s: float | None = None
 
 
+class DeadlineIndex:
+    """Which subjects of which partition have a deadline, and when: what the tick timer scans.
+
+    Kept in memory, rebuilt from the subjects changelog during recovery, so a
+    deadline survives restarts and partition moves: the state is the truth,
+    this is an index of it.
+    """
+
+    def __init__(self) -> None:
+        self.by_partition: dict[int, dict[bytes, datetime]] = {}
+
+    def update(self, partition: int, key: bytes, deadline: datetime | None) -> None:
+        entries = self.by_partition.setdefault(partition, {})
+        if deadline is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = deadline
+
+    def update_from_state_bytes(self, partition: int, key: bytes, value: bytes | None) -> None:
+        deadline = None
+        if value:
+            raw = json.loads(value).get("next_deadline_at")
+            deadline = datetime.fromisoformat(raw) if raw else None
+        self.update(partition, key, deadline)
+
+    def due(self, partitions: set[int], now: datetime) -> list[tuple[int, bytes, datetime]]:
+        return [
+            (partition, key, deadline)
+            for partition in partitions
+            for key, deadline in self.by_partition.get(partition, {}).items()
+            if deadline <= now
+        ]
+
+    def pending(self, partitions: set[int]) -> int:
+        return sum(len(self.by_partition.get(p, {})) for p in partitions)
+
+
+def tick_payload(subject_id: str, due_at: datetime) -> bytes:
+    return json.dumps({"subject_id": subject_id, "due_at": due_at.isoformat()}).encode()
+
+
 class SubjectWorker:
     def __init__(
         self,
@@ -44,6 +86,7 @@ class SubjectWorker:
         metrics: Metrics,
         send: Send,
         *,
+        ticks_topic: str | None = None,
         retry_initial_s: float = 0.2,
         retry_max_s: float = 10.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -54,6 +97,8 @@ class SubjectWorker:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.clock = clock
+        self.ticks_topic = ticks_topic
+        self.deadlines = DeadlineIndex()
         # For the stall watchdog: is a record being handled, and since when is
         # the agent idle.
         self.busy = False
@@ -75,8 +120,11 @@ class SubjectWorker:
     async def _handle(self, record: Record, states: MutableMapping[bytes, bytes]) -> None:
         started = time.perf_counter()
         topic = record.topic
-        self.metrics.events_consumed.labels(topic).inc()
         bound = log.bind(topic=topic, partition=record.partition, offset=record.offset)
+        if topic == self.ticks_topic:
+            await self._handle_tick(record, states, bound)
+            return
+        self.metrics.events_consumed.labels(topic).inc()
         event = decode(topic, record.value or b"")
         if isinstance(event, Rejection):
             await self._dead_letter(record, event, bound)
@@ -110,23 +158,47 @@ class SubjectWorker:
             return
         if alerts:
             await self._publish_alerts(alerts)
-            for alert in alerts:
-                # Alert ids are opaque hashes: safe to log, unlike subject codes.
-                bound.info(
-                    "alert produced",
-                    alert_id=alert.alert_id,
-                    rule=alert.rule,
-                    severity=alert.severity,
-                    status=alert.status,
-                    revision=alert.revision,
-                )
+            self._log_alerts(alerts, bound)
             if record.timestamp_s is not None:
                 self.metrics.event_to_alert_seconds.observe(max(0.0, time.time() - record.timestamp_s))
         # The state is written after the alerts are acknowledged: a crash in
         # between re-processes the event and re-sends the same (alert_id,
         # revision), never loses it.
         states[record.key] = state.to_bytes()
+        self.deadlines.update(record.partition, record.key, state.next_deadline_at)
         self.metrics.processing_seconds.observe(time.perf_counter() - started)
+
+    async def _handle_tick(self, record: Record, states: MutableMapping[bytes, bytes], bound: Any) -> None:
+        """The wall clock passed a subject's deadline: let the engine decide what is due now."""
+        try:
+            subject_id = json.loads(record.value or b"")["subject_id"]
+        except (ValueError, KeyError, TypeError):
+            bound.error("unreadable tick ignored")
+            return
+        raw = states.get(record.key) if record.key else None
+        if raw is None or record.key != str(subject_id).encode():
+            return
+        now = self.clock()
+        state, alerts = self.engine.apply(SubjectState.from_bytes(raw), Tick(subject_id, now), now)
+        if alerts:
+            await self._publish_alerts(alerts)
+            self._log_alerts(alerts, bound)
+        assert record.key is not None
+        states[record.key] = state.to_bytes()
+        self.deadlines.update(record.partition, record.key, state.next_deadline_at)
+
+    @staticmethod
+    def _log_alerts(alerts: list[AlertMessage], bound: Any) -> None:
+        for alert in alerts:
+            # Alert ids are opaque hashes: safe to log, unlike subject codes.
+            bound.info(
+                "alert produced",
+                alert_id=alert.alert_id,
+                rule=alert.rule,
+                severity=alert.severity,
+                status=alert.status,
+                revision=alert.revision,
+            )
 
     async def _publish_alerts(self, alerts: list[AlertMessage]) -> None:
         out: list[tuple[str, bytes, bytes]] = []

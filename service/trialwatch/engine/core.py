@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from trialwatch.contract import AdverseEvent, AlertMessage, Enrollment, InputEvent, Lab
-from trialwatch.engine import adverse_events, labs
+from trialwatch.contract import AdverseEvent, AlertMessage, Enrollment, InputEvent, Lab, Treatment
+from trialwatch.engine import adverse_events, labs, treatment
 from trialwatch.engine.lifecycle import AlertBook
 from trialwatch.engine.state import SubjectState
 from trialwatch.protocol import Protocol
@@ -42,10 +42,11 @@ class Engine:
         """
         if isinstance(event, Tick):
             if state is None:
+                # A tick for a subject with no state has nothing to check.
                 return SubjectState(subject_id=event.subject_id, site_id=""), []
-            # No v1 rule of this release keeps a deadline yet; the tick path
-            # exists so deadline rules need no special plumbing.
-            return state, []
+            book = AlertBook(state, self.protocol.trial, event.at, now)
+            self._evaluate_subject(book, now, event.at)
+            return state, book.messages
 
         if state is None:
             state = SubjectState(subject_id=event.subject_id, site_id=event.site_id)
@@ -59,6 +60,9 @@ class Engine:
             state.arm = event.arm
             state.site_id = event.site_id
             state.enrolled_event_id = event.event_id
+            state.first_line_regimen = event.first_line_regimen
+        elif isinstance(event, Treatment):
+            treatment.record_treatment(state, event)
         elif isinstance(event, Lab):
             changed = labs.record_result(state, event, self.protocol)
             for rule in self.lab_rules:
@@ -68,4 +72,11 @@ class Engine:
             report = adverse_events.record_report(state, event)
             adverse_events.evaluate_grade(book, event, report, self.protocol)
             adverse_events.evaluate_serious(book, event, report, self.protocol)
+        self._evaluate_subject(book, now, event.occurred_at)
         return state, book.messages
+
+    def _evaluate_subject(self, book: AlertBook, now: datetime, occurred_at: datetime) -> None:
+        """Rules over the subject's whole history and the clock: run after every event and tick."""
+        treatment.evaluate_window(book, self.protocol, now, occurred_at)
+        treatment.evaluate_deviations(book, self.protocol)
+        book.state.next_deadline_at = treatment.next_deadline(book.state, self.protocol, now)

@@ -55,6 +55,7 @@ class AlertBook:
         ctcae_grade: int | None = None,
         report_due_at: datetime | None = None,
         support: list[str] | None = None,
+        occurred_at: datetime | None = None,
     ) -> AlertRecord:
         rec = AlertRecord(
             alert_id=alert_id(self.trial, self.state.subject_id, rule, key, opening_event_id),
@@ -69,7 +70,7 @@ class AlertBook:
             started_at=started_at,
         )
         self.state.alerts[f"{rule}|{key}"] = rec
-        self._emit(rec, evidence, summary)
+        self._emit(rec, evidence, summary, occurred_at)
         return rec
 
     def escalate(
@@ -100,7 +101,9 @@ class AlertBook:
         )
         self._emit(rec, evidence, summary)
 
-    def _emit(self, rec: AlertRecord, evidence: dict[str, Any], summary: str) -> None:
+    def _emit(
+        self, rec: AlertRecord, evidence: dict[str, Any], summary: str, occurred_at: datetime | None = None
+    ) -> None:
         self.messages.append(
             AlertMessage(
                 alert_id=rec.alert_id,
@@ -111,7 +114,7 @@ class AlertBook:
                 subject_id=self.state.subject_id,
                 site_id=self.state.site_id,
                 arm=self.state.arm,
-                occurred_at=self.occurred_at,
+                occurred_at=occurred_at or self.occurred_at,
                 raised_at=self.now,
                 ctcae_grade=rec.ctcae_grade,
                 report_due_at=rec.report_due_at,

@@ -46,6 +46,17 @@ class AdverseEventReport(_State):
     event_id: str
 
 
+class TreatmentEvent(_State):
+    """A treatment event the protocol rules need: when it happened clinically and its details."""
+
+    event_id: str
+    at: datetime
+    seq: int
+    regimen: str | None = None
+    reason: str | None = None
+    fraction: int | None = None
+
+
 class Episode(_State):
     """Clinical time span of a closed alert, so a late result inside it does not reopen it."""
 
@@ -73,6 +84,14 @@ class SubjectState(_State):
     site_id: str
     arm: Arm | None = None
     enrolled_event_id: str | None = None
+    first_line_regimen: str | None = None
+    # Treatment history, each list in arrival order (rules sort by clinical time).
+    second_line_starts: list[TreatmentEvent] = []
+    sbrt_fractions: list[TreatmentEvent] = []
+    sbrt_completions: list[TreatmentEvent] = []
+    systemic_holds: list[TreatmentEvent] = []
+    systemic_resumptions: list[TreatmentEvent] = []
+    withdrawals: list[TreatmentEvent] = []
     seq: int = 0
     seen_event_ids: set[str] = set()
     labs: dict[str, LabResult] = {}

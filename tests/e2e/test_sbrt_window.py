@@ -1,0 +1,133 @@
+"""The SBRT start window fires on the wall clock, durably: no further events, restarts in between."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tests.e2e.conftest import enrollment, publish, read_topic
+
+pytestmark = pytest.mark.e2e
+
+
+def second_line_start(subject: str, at: datetime) -> dict[str, Any]:
+    return {
+        "topic": "trial.treatment.v1",
+        "value": {
+            "event_id": f"{subject}-2L",
+            "subject_id": subject,
+            "site_id": "SITE-E2E",
+            "occurred_at": at.isoformat(),
+            "kind": "second_line_start",
+            "regimen": "lenvatinib",
+        },
+    }
+
+
+def start_whose_window_closes_in(seconds: float) -> tuple[datetime, datetime]:
+    """A second-line start whose 14-day window closes (local midnight) `seconds` to `seconds + 60` from now.
+
+    Calendar days count in the start's own UTC offset, so choosing the offset
+    moves the closing midnight anywhere in the next day, to the minute.
+    """
+    close_utc = datetime.now(UTC) + timedelta(seconds=seconds)
+    close_utc = close_utc.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    minutes = close_utc.hour * 60 + close_utc.minute
+    # Local midnight happens at close_utc when the offset is -minutes (mod a day).
+    offset = -minutes if minutes <= 12 * 60 else 24 * 60 - minutes
+    tz = timezone(timedelta(minutes=offset))
+    close_local = close_utc.astimezone(tz)
+    assert (close_local.hour, close_local.minute) == (0, 0)
+    start = datetime.combine(close_local.date() - timedelta(days=15), datetime.min.time(), tz) + timedelta(hours=9)
+    return start, close_local
+
+
+def mine(subject: str) -> Any:
+    return lambda v: v["subject_id"] == subject
+
+
+class TestWindowAlreadyClosed:
+    """A second-line start whose window closed long ago raises `sbrt.window.missed` at once."""
+
+    async def test_missed_fires_within_seconds_with_no_further_events(
+        self, bootstrap: str, worker_factory: Any, producer: AIOKafkaProducer, subject_prefix: str
+    ) -> None:
+        worker_factory().start()
+        s = f"{subject_prefix}-late"
+        start = datetime(2025, 3, 1, 20, 0, tzinfo=timezone(timedelta(hours=8)))
+        await publish(producer, [enrollment(s, "sbrt"), second_line_start(s, start)])
+
+        alerts = await read_topic(
+            bootstrap, "trial.alerts.v1", mine(s), lambda f: len(f) >= 1, timeout_s=15, settle_s=3
+        )
+
+        assert [("sbrt.window.missed", "high", "firing", 1)] == [
+            (a["rule"], a["severity"], a["status"], a["revision"]) for a in alerts
+        ]
+        assert "2025-03-16T00:00:00+08:00" == alerts[0]["occurred_at"]
+        masked = await read_topic(bootstrap, "trial.alerts.masked.v1", mine(s), lambda f: True, timeout_s=3, settle_s=2)
+        assert [] == masked
+
+
+class TestWindowClosesOnTheWallClock:
+    """With nothing more published, the timer fires the deadline at local midnight of day 15."""
+
+    async def test_missed_fires_at_the_deadline_without_events(
+        self, bootstrap: str, worker_factory: Any, producer: AIOKafkaProducer, subject_prefix: str
+    ) -> None:
+        worker_factory().start()
+        s = f"{subject_prefix}-clock"
+        start, closes = start_whose_window_closes_in(15)
+        await publish(producer, [enrollment(s, "sbrt"), second_line_start(s, start)])
+
+        # The at-risk deadline (day 10) is long past: that warning comes at once.
+        first = await read_topic(bootstrap, "trial.alerts.v1", mine(s), lambda f: len(f) >= 1, timeout_s=15)
+        assert [("sbrt.window.at_risk", "firing")] == [(a["rule"], a["status"]) for a in first]
+        assert datetime.now(UTC) < closes
+
+        wait = (closes - datetime.now(UTC)).total_seconds() + 20
+        alerts = await read_topic(bootstrap, "trial.alerts.v1", mine(s), lambda f: len(f) >= 3, timeout_s=wait)
+
+        states = [(a["rule"], a["status"], a["revision"]) for a in alerts]
+        assert [
+            ("sbrt.window.at_risk", "firing", 1),
+            ("sbrt.window.missed", "firing", 1),
+            ("sbrt.window.at_risk", "resolved", 2),
+        ] == states
+        missed = alerts[1]
+        raised = datetime.fromisoformat(missed["raised_at"])
+        # Not before the deadline, and within a few timer intervals after it.
+        assert closes <= raised < closes + timedelta(seconds=10)
+        assert closes == datetime.fromisoformat(missed["occurred_at"])
+
+
+class TestDeadlineSurvivesRestart:
+    """A deadline that passes while no worker runs fires exactly once after the restart."""
+
+    async def test_missed_fires_once_after_restart_past_the_deadline(
+        self, bootstrap: str, worker_factory: Any, producer: AIOKafkaProducer, subject_prefix: str
+    ) -> None:
+        worker = worker_factory()
+        worker.start()
+        s = f"{subject_prefix}-down"
+        start, closes = start_whose_window_closes_in(10)
+        await publish(producer, [enrollment(s, "sbrt"), second_line_start(s, start)])
+        await read_topic(bootstrap, "trial.alerts.v1", mine(s), lambda f: len(f) >= 1, timeout_s=15)
+
+        worker.stop(signal.SIGTERM)
+        await asyncio.sleep(max(0.0, (closes - datetime.now(UTC)).total_seconds()) + 2)
+        assert datetime.now(UTC) > closes
+        worker.start()
+
+        alerts = await read_topic(
+            bootstrap, "trial.alerts.v1", mine(s), lambda f: len(f) >= 3, timeout_s=30, settle_s=5
+        )
+        missed = [(a["status"], a["revision"]) for a in alerts if a["rule"] == "sbrt.window.missed"]
+        assert [("firing", 1)] == missed
+        [fired] = [a for a in alerts if a["rule"] == "sbrt.window.missed"]
+        assert closes == datetime.fromisoformat(fired["occurred_at"])
