@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -103,6 +103,20 @@ class SeverityOnlyRule(_Frozen):
     severity: Severity
 
 
+class GradeCriterion(_Frozen):
+    grade: Annotated[int, Field(ge=1, le=5)]
+    op: Literal["<", ">", ">="]
+    times: Decimal
+    of: Literal["abs", "lln", "uln", "bl"]
+
+
+class CtcaeTerm(_Frozen):
+    """CTCAE v5 grading of one analyte; `abnormal_baseline` applies when the baseline is above the ULN."""
+
+    grades: Annotated[list[GradeCriterion], Field(min_length=1)]
+    abnormal_baseline: list[GradeCriterion] | None = None
+
+
 class Rules(_Frozen):
     platelets_low: PlateletsRule = Field(alias="lab.platelets.low")
     bilirubin_high: BilirubinRule = Field(alias="lab.bilirubin.high")
@@ -112,6 +126,7 @@ class Rules(_Frozen):
     regimen_mismatch: RegimenRule = Field(alias="protocol.regimen_mismatch")
     crossover: CrossoverRule = Field(alias="protocol.crossover")
     systemic_held_during_sbrt: SeverityOnlyRule = Field(alias="protocol.systemic_held_during_sbrt")
+    ctcae_grade3plus: AeGradeRule = Field(alias="lab.ctcae.grade3plus")
 
 
 class Protocol(_Frozen):
@@ -120,6 +135,7 @@ class Protocol(_Frozen):
     ctcae_version: str
     reference_ranges: dict[str, ReferenceRange]
     rules: Rules
+    ctcae: dict[str, CtcaeTerm]
 
     @model_validator(mode="after")
     def _ranges_in_canonical_units(self) -> Protocol:
@@ -139,7 +155,8 @@ def load_protocol(path: Path = DEFAULT_PROTOCOL_PATH) -> Protocol:
     with path.open("rb") as f:
         raw = tomllib.load(f)
     # TOML inline-table keys are strings; the grade map wants ints.
-    grades = raw.get("rules", {}).get("ae.grade3plus", {}).get("severity_by_grade")
-    if isinstance(grades, dict):
-        raw["rules"]["ae.grade3plus"]["severity_by_grade"] = {int(k): v for k, v in grades.items()}
+    for rule in ("ae.grade3plus", "lab.ctcae.grade3plus"):
+        grades = raw.get("rules", {}).get(rule, {}).get("severity_by_grade")
+        if isinstance(grades, dict):
+            raw["rules"][rule]["severity_by_grade"] = {int(k): v for k, v in grades.items()}
     return Protocol.model_validate(raw)

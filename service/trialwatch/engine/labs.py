@@ -10,7 +10,7 @@ from typing import Protocol as TypingProtocol
 from trialwatch.contract import Lab, Severity
 from trialwatch.engine.lifecycle import AlertBook
 from trialwatch.engine.state import LabResult, SubjectState
-from trialwatch.protocol import BilirubinRule, PlateletsRule, Protocol
+from trialwatch.protocol import AeGradeRule, BilirubinRule, CtcaeTerm, GradeCriterion, PlateletsRule, Protocol
 from trialwatch.units import CANONICAL_UNIT, to_canonical
 
 _DISPLAY_UNIT = {"10*9/L": "×10⁹/L", "umol/L": "µmol/L"}
@@ -28,7 +28,7 @@ class LabRule(TypingProtocol):
     rule: str
     analyte: str
 
-    def assess(self, result: LabResult) -> Breach | None: ...
+    def assess(self, result: LabResult, baseline: LabResult | None) -> Breach | None: ...
 
     def parameters(self) -> dict[str, Any]: ...
 
@@ -44,7 +44,7 @@ class PlateletsLow:
         self.analyte = spec.analyte
         self.bands = spec.bands  # mild to severe
 
-    def assess(self, result: LabResult) -> Breach | None:
+    def assess(self, result: LabResult, baseline: LabResult | None) -> Breach | None:
         hit = None
         for band in self.bands:
             # CTCAE "<50-25": 50 itself is grade 2, so strictly below.
@@ -65,7 +65,7 @@ class BilirubinHigh:
         self.analyte = spec.analyte
         self.bands = spec.bands  # mild to severe
 
-    def assess(self, result: LabResult) -> Breach | None:
+    def assess(self, result: LabResult, baseline: LabResult | None) -> Breach | None:
         hit = None
         for band in self.bands:
             # CTCAE ">1.5-3.0 x ULN": exactly 1.5 x ULN is still grade 1.
@@ -85,8 +85,82 @@ class BilirubinHigh:
         return {"bands": [{"above_uln": float(b.above_uln), "severity": b.severity} for b in self.bands]}
 
 
+_OPS = {"<": Decimal.__lt__, ">": Decimal.__gt__, ">=": Decimal.__ge__}
+
+
+class CtcaeGrade3Plus:
+    """`lab.ctcae.grade3plus` for one analyte graded by the protocol's CTCAE table."""
+
+    rule = "lab.ctcae.grade3plus"
+
+    def __init__(self, analyte: str, term: CtcaeTerm, spec: AeGradeRule) -> None:
+        self.analyte = analyte
+        self.term = term
+        self.spec = spec
+
+    def grade(self, result: LabResult, baseline: LabResult | None) -> tuple[int, GradeCriterion] | None:
+        """The CTCAE grade of `result` and the criterion that gave it; None when normal."""
+        abnormal = baseline is not None and baseline.value > baseline.uln
+        criteria = self.term.abnormal_baseline if abnormal and self.term.abnormal_baseline else self.term.grades
+        best: tuple[int, GradeCriterion] | None = None
+        for criterion in criteria:
+            reference = {
+                "abs": Decimal(1),
+                "lln": result.lln,
+                "uln": result.uln,
+                "bl": baseline.value if baseline is not None else None,
+            }[criterion.of]
+            if reference is None:
+                continue
+            if _OPS[criterion.op](result.value, criterion.times * reference) and (
+                best is None or criterion.grade > best[0]
+            ):
+                best = (criterion.grade, criterion)
+        return best
+
+    def assess(self, result: LabResult, baseline: LabResult | None) -> Breach | None:
+        graded = self.grade(result, baseline)
+        if graded is None or graded[0] < self.spec.min_grade:
+            return None
+        grade, criterion = graded
+        unit = _DISPLAY_UNIT.get(result.unit, result.unit)
+        if criterion.of == "abs":
+            limit = criterion.times
+            text = f"{criterion.op} {_fmt(limit)} {unit}"
+        else:
+            base = {"lln": result.lln, "uln": result.uln, "bl": baseline.value if baseline else Decimal(0)}
+            limit = criterion.times * base[criterion.of]
+            text = f"{criterion.op} {_fmt(criterion.times)} × {criterion.of.upper()} ({_fmt(limit)} {unit})"
+        return Breach(self.spec.severity_by_grade[grade], grade, text, limit)
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "min_grade": self.spec.min_grade,
+            "baseline": "last result at or before the second-line start",
+            "grades": [c.model_dump(mode="json") for c in self.term.grades],
+            "abnormal_baseline": (
+                [c.model_dump(mode="json") for c in self.term.abnormal_baseline]
+                if self.term.abnormal_baseline
+                else None
+            ),
+        }
+
+
 def lab_rules(protocol: Protocol) -> list[LabRule]:
-    return [PlateletsLow(protocol.rules.platelets_low), BilirubinHigh(protocol.rules.bilirubin_high)]
+    rules: list[LabRule] = [PlateletsLow(protocol.rules.platelets_low), BilirubinHigh(protocol.rules.bilirubin_high)]
+    spec = protocol.rules.ctcae_grade3plus
+    rules += [CtcaeGrade3Plus(analyte, term, spec) for analyte, term in sorted(protocol.ctcae.items())]
+    return rules
+
+
+def baseline_of(state: SubjectState, analyte: str) -> LabResult | None:
+    """The analyte's last result at or before the second-line start (None before a start is known)."""
+    starts = state.second_line_starts
+    if not starts:
+        return None
+    start = min(s.at for s in starts)
+    before = [r for r in state.labs.values() if r.analyte == analyte and r.at <= start]
+    return max(before, key=lambda r: (r.at, r.seq), default=None)
 
 
 def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
@@ -95,12 +169,14 @@ def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
     if lab.status == "cancelled":
         state.labs.pop(rid, None)
         return rid
+    default = protocol.reference_ranges[lab.analyte]
     if lab.ref_high is not None:
         uln = to_canonical(lab.analyte, lab.ref_high, lab.unit)
         origin: Any = "site"
     else:
-        uln = protocol.reference_ranges[lab.analyte].high
+        uln = default.high
         origin = "protocol_default"
+    lln = to_canonical(lab.analyte, lab.ref_low, lab.unit) if lab.ref_low is not None else default.low
     state.labs[rid] = LabResult(
         analyte=lab.analyte,
         value=to_canonical(lab.analyte, lab.value, lab.unit),
@@ -109,6 +185,7 @@ def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
         unit_as_sent=lab.unit,
         uln=uln,
         uln_origin=origin,
+        lln=lln,
         at=lab.occurred_at,
         seq=state.seq,
         status=lab.status,
@@ -148,9 +225,24 @@ def _evidence(
     return ev
 
 
+_NAMES = {
+    "platelets": "Platelets",
+    "total_bilirubin": "Total bilirubin",
+    "neutrophils": "Neutrophils",
+    "wbc": "WBC",
+    "hemoglobin": "Haemoglobin",
+    "alt": "ALT",
+    "ast": "AST",
+    "alp": "ALP",
+    "albumin": "Albumin",
+    "creatinine": "Creatinine",
+    "inr": "INR",
+    "afp": "AFP",
+}
+
+
 def _label(rule: LabRule, result: LabResult) -> str:
-    name = "Platelets" if rule.analyte == "platelets" else "Total bilirubin"
-    return f"{name} {_fmt(result.value)} {_DISPLAY_UNIT.get(result.unit, result.unit)}"
+    return f"{_NAMES[rule.analyte]} {_fmt(result.value)} {_DISPLAY_UNIT.get(result.unit, result.unit)}"
 
 
 def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: Protocol) -> None:
@@ -162,7 +254,18 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
     """
     state = book.state
     results = {rid: r for rid, r in state.labs.items() if r.analyte == rule.analyte}
-    breaches = {rid: b for rid, r in results.items() if (b := rule.assess(r)) is not None}
+    baseline = baseline_of(state, rule.analyte)
+    breaches = {rid: b for rid, r in results.items() if (b := rule.assess(r, baseline)) is not None}
+    basis: dict[str, Any] = {
+        "baseline": None
+        if baseline is None
+        else {
+            "value": float(baseline.value),
+            "at": baseline.at.isoformat(),
+            "event_id": baseline.event_id,
+            "abnormal": baseline.value > baseline.uln,
+        }
+    }
     latest_id = max(results, key=lambda rid: (results[rid].at, results[rid].seq), default=None)
     latest = results[latest_id] if latest_id is not None else None
     key = rule.analyte
@@ -184,7 +287,7 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             book.resolve(
                 rec,
                 ended_at=latest.at if latest is not None else rec.started_at,
-                evidence=_evidence(rule, shown, None, lab, protocol, resolved_because=why),
+                evidence=_evidence(rule, shown, None, lab, protocol, resolved_because=why, **basis),
                 summary=f"Resolved: {rule.rule}, {why}"
                 + (f" (latest: {_label(rule, shown)})" if shown is not None else ""),
             )
@@ -195,7 +298,7 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             rec,
             severity=worst.severity,
             ctcae_grade=worst.ctcae_grade,
-            evidence=_evidence(rule, results[worst_id], worst, lab, protocol),
+            evidence=_evidence(rule, results[worst_id], worst, lab, protocol, **basis),
             summary=f"Escalated: {_label(rule, results[worst_id])} {worst.threshold} (CTCAE grade {worst.ctcae_grade})",
         )
         return
@@ -215,7 +318,7 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             ctcae_grade=worst.ctcae_grade,
             started_at=min(results[rid].at for rid in support),
             support=support,
-            evidence=_evidence(rule, results[worst_id], worst, lab, protocol),
+            evidence=_evidence(rule, results[worst_id], worst, lab, protocol, **basis),
             summary=f"{_label(rule, results[worst_id])} {worst.threshold} (CTCAE grade {worst.ctcae_grade})",
         )
         return
@@ -234,7 +337,7 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             ctcae_grade=changed_breach.ctcae_grade,
             started_at=changed_result.at,
             support=[changed],
-            evidence=_evidence(rule, changed_result, changed_breach, lab, protocol, late_result=True),
+            evidence=_evidence(rule, changed_result, changed_breach, lab, protocol, late_result=True, **basis),
             summary=(
                 f"{_label(rule, changed_result)} {changed_breach.threshold} "
                 f"(CTCAE grade {changed_breach.ctcae_grade}), reported after a later normal result"
@@ -243,7 +346,9 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
         book.resolve(
             rec,
             ended_at=latest.at,
-            evidence=_evidence(rule, latest, None, lab, protocol, resolved_because="a later result no longer breaches"),
+            evidence=_evidence(
+                rule, latest, None, lab, protocol, resolved_because="a later result no longer breaches", **basis
+            ),
             summary=f"Resolved: {_label(rule, latest)}, the later result no longer breaches",
         )
 

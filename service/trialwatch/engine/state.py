@@ -27,6 +27,7 @@ class LabResult(_State):
     unit_as_sent: str
     uln: Decimal
     uln_origin: Literal["site", "protocol_default"]
+    lln: Decimal = Decimal(0)
     at: datetime
     seq: int
     status: str
