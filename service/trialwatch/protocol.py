@@ -117,6 +117,40 @@ class CtcaeTerm(_Frozen):
     abnormal_baseline: list[GradeCriterion] | None = None
 
 
+class RildCriterion(_Frozen):
+    analyte: str
+    above_uln: Decimal
+
+
+class RildRule(_Frozen):
+    severity: Severity
+    window_days: Annotated[int, Field(gt=0)]
+    criteria: Annotated[list[RildCriterion], Field(min_length=1)]
+
+
+class EligibilityLab(_Frozen):
+    analyte: str
+    at_least: Decimal | None = None
+    at_most_uln: Decimal | None = None
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> EligibilityLab:
+        if (self.at_least is None) == (self.at_most_uln is None):
+            raise ValueError(f"eligibility lab {self.analyte}: give exactly one of at_least, at_most_uln")
+        return self
+
+
+class EligibilityRule(_Frozen):
+    severity: Severity
+    min_age_years: int
+    max_age_years: int
+    min_kps: int
+    max_child_pugh_score: int
+    allowed_first_line: list[str]
+    screening_window_days: Annotated[int, Field(ge=0)]
+    labs: list[EligibilityLab]
+
+
 class Rules(_Frozen):
     platelets_low: PlateletsRule = Field(alias="lab.platelets.low")
     bilirubin_high: BilirubinRule = Field(alias="lab.bilirubin.high")
@@ -127,6 +161,8 @@ class Rules(_Frozen):
     crossover: CrossoverRule = Field(alias="protocol.crossover")
     systemic_held_during_sbrt: SeverityOnlyRule = Field(alias="protocol.systemic_held_during_sbrt")
     ctcae_grade3plus: AeGradeRule = Field(alias="lab.ctcae.grade3plus")
+    rild: RildRule = Field(alias="rild.suspected")
+    eligibility: EligibilityRule = Field(alias="eligibility.violation")
 
 
 class Protocol(_Frozen):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from trialwatch.contract import AdverseEvent, AlertMessage, Enrollment, InputEvent, Lab, Treatment
-from trialwatch.engine import adverse_events, labs, treatment
+from trialwatch.engine import adverse_events, labs, subject_rules, treatment
 from trialwatch.engine.lifecycle import AlertBook
 from trialwatch.engine.state import SubjectState
 from trialwatch.protocol import Protocol
@@ -61,6 +61,10 @@ class Engine:
             state.site_id = event.site_id
             state.enrolled_event_id = event.event_id
             state.first_line_regimen = event.first_line_regimen
+            state.enrolled_at = event.occurred_at
+            state.age_years = event.age_years
+            state.kps = event.kps
+            state.child_pugh_score = event.child_pugh_score
         elif isinstance(event, Treatment):
             treatment.record_treatment(state, event)
         elif isinstance(event, Lab):
@@ -79,4 +83,6 @@ class Engine:
         """Rules over the subject's whole history and the clock: run after every event and tick."""
         treatment.evaluate_window(book, self.protocol, now, occurred_at)
         treatment.evaluate_deviations(book, self.protocol)
+        subject_rules.evaluate_rild(book, self.protocol)
+        subject_rules.evaluate_eligibility(book, self.protocol)
         book.state.next_deadline_at = treatment.next_deadline(book.state, self.protocol, now)

@@ -86,6 +86,10 @@ class SubjectState(_State):
     arm: Arm | None = None
     enrolled_event_id: str | None = None
     first_line_regimen: str | None = None
+    enrolled_at: datetime | None = None
+    age_years: int | None = None
+    kps: int | None = None
+    child_pugh_score: int | None = None
     # Treatment history, each list in arrival order (rules sort by clinical time).
     second_line_starts: list[TreatmentEvent] = []
     sbrt_fractions: list[TreatmentEvent] = []
