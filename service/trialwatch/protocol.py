@@ -151,6 +151,14 @@ class EligibilityRule(_Frozen):
     labs: list[EligibilityLab]
 
 
+class RecistRule(_Frozen):
+    severity: Severity
+    pd_min_increase_fraction: Decimal
+    pd_min_increase_mm: Decimal
+    pr_min_decrease_fraction: Decimal
+    node_normal_below_mm: Decimal
+
+
 class Rules(_Frozen):
     platelets_low: PlateletsRule = Field(alias="lab.platelets.low")
     bilirubin_high: BilirubinRule = Field(alias="lab.bilirubin.high")
@@ -163,6 +171,7 @@ class Rules(_Frozen):
     ctcae_grade3plus: AeGradeRule = Field(alias="lab.ctcae.grade3plus")
     rild: RildRule = Field(alias="rild.suspected")
     eligibility: EligibilityRule = Field(alias="eligibility.violation")
+    recist: RecistRule = Field(alias="recist.progression")
 
 
 class Protocol(_Frozen):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from trialwatch.contract import AdverseEvent, AlertMessage, Enrollment, InputEvent, Lab, Treatment
-from trialwatch.engine import adverse_events, labs, subject_rules, treatment
+from trialwatch.contract import AdverseEvent, AlertMessage, Enrollment, InputEvent, Lab, Scan, Treatment
+from trialwatch.engine import adverse_events, labs, recist, subject_rules, treatment
 from trialwatch.engine.lifecycle import AlertBook
 from trialwatch.engine.state import SubjectState
 from trialwatch.protocol import Protocol
@@ -72,6 +72,9 @@ class Engine:
             for rule in self.lab_rules:
                 if rule.analyte == event.analyte:
                     labs.evaluate(rule, book, event, changed, self.protocol)
+        elif isinstance(event, Scan):
+            recist.record_scan(state, event)
+            recist.evaluate(book, event, self.protocol)
         elif isinstance(event, AdverseEvent):
             report = adverse_events.record_report(state, event)
             adverse_events.evaluate_grade(book, event, report, self.protocol)

@@ -58,6 +58,32 @@ class TreatmentEvent(_State):
     fraction: int | None = None
 
 
+class ScanRecord(_State):
+    """What RECIST needs of one scan: target diameters, non-target status, new lesions."""
+
+    scan_id: str
+    event_id: str
+    at: datetime
+    seq: int
+    timepoint: str
+    targets: dict[str, Decimal]
+    target_nodes: list[str] = []
+    non_target_progression: bool = False
+    non_targets: list[str] = []
+    non_targets_gone: list[str] = []
+    new_lesions: list[str] = []
+
+
+class TimepointResponse(_State):
+    scan_id: str
+    at: datetime
+    sum_mm: Decimal | None
+    target: str
+    non_target: str
+    new_lesions: bool
+    overall: str
+
+
 class Episode(_State):
     """Clinical time span of a closed alert, so a late result inside it does not reopen it."""
 
@@ -106,6 +132,12 @@ class SubjectState(_State):
     closed_episodes: dict[str, list[Episode]] = {}
     # Earliest pending deadline (SBRT window, ...); None while nothing is due.
     next_deadline_at: datetime | None = None
+    scans: dict[str, ScanRecord] = {}
+    # RECIST 1.1 outcome, recomputed in clinical-time order after each scan:
+    # for progression-free survival and objective response rate.
+    responses: list[TimepointResponse] = []
+    best_overall_response: str | None = None
+    progression_at: datetime | None = None
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
