@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 KAFKA=deploy/kafka/kafka.sh
-COHORT=${TRIALWATCH_DEMO_COHORT:-seeds/demo-cohort.jsonl}
+COHORT=${TRIALWATCH_DEMO_COHORT:-trialwatch-data/demo-cohort.jsonl}
 PORT=${TRIALWATCH_WEB_PORT:-6066}
 mkdir -p trialwatch-data
 worker_pid=""
@@ -49,6 +49,9 @@ done
 echo "health:  http://127.0.0.1:$PORT/health"
 echo "metrics: http://127.0.0.1:$PORT/metrics"
 
+# The synthetic cohort of seeds/demo-cohort.template.jsonl, dated relative to
+# today so that the clock-driven rules (SBRT window) show as well.
+[ -n "${TRIALWATCH_DEMO_COHORT:-}" ] || "$BIN/trialwatch" demo-cohort > "$COHORT"
 "$BIN/trialwatch" publish "$COHORT"
 echo
 echo "DSMB alerts (unblinded stream trial.alerts.v1); Ctrl-C to stop everything:"

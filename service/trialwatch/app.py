@@ -96,6 +96,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         metrics,
         send,
         ticks_topic=settings.ticks_topic,
+        arm_facts_topic=settings.arm_facts_topic,
         retry_initial_s=settings.send_retry_initial_s,
         retry_max_s=settings.send_retry_max_s,
     )
@@ -158,7 +159,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         if app.rebalancing or not consuming():
             return
         consumer = app.consumer
-        tps = [tp for tp in consumer.assignment() if tp.topic in consumed]
+        tps = [tp for tp in consumer.assignment() if tp.topic in (*consumed, settings.arm_facts_topic)]
         if not tps or worker.busy:
             return
         highwaters = await consumer.highwaters(*tps)
@@ -186,6 +187,27 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             tried[stall.tp] = (stall.committed, stall.highwater)
             metrics.stalls_recovered.labels(stall.tp.topic).inc()
             await consumer.seek(stall.tp, stall.committed)
+
+    arm_states = app.Table(
+        "arm-toxicity", default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes
+    )
+
+    @app.agent(app.topic(settings.arm_facts_topic, **_RAW), name="trialwatch.arms")
+    async def arms_agent(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            record = Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, msg.timestamp)
+            try:
+                await worker.handle_arm_fact(record, arm_states)
+            except BaseException:
+                log.critical(
+                    "unrecoverable error in the arm monitor; exiting so the fact is re-processed",
+                    topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                    exc_info=True,
+                )
+                os._exit(70)
 
     def consuming() -> bool:
         return bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -108,6 +108,13 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_cohort(args: argparse.Namespace) -> int:
+    from trialwatch.demo import demo_cohort
+
+    sys.stdout.write(demo_cohort(args.today))
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from trialwatch.schemas import SCHEMA_DIR, check_schemas, write_schemas
 
@@ -150,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw alert messages")
     p.add_argument("--idle-exit", type=float, default=None, help="stop after this many idle seconds")
     p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser("demo-cohort", help="print the synthetic demo cohort, dated relative to today")
+    p.add_argument("--today", type=date.fromisoformat, help="place the cohort as if today were this date")
+    p.set_defaults(func=cmd_demo_cohort)
 
     p = sub.add_parser("schemas", help="write JSON Schema and AsyncAPI files from the models")
     p.add_argument("--check", action="store_true", help="fail when the checked-in files differ")

@@ -235,6 +235,8 @@ ARM_REVEALING_RULE_PREFIXES: tuple[str, ...] = (
     "rild.",
     "protocol.crossover",
     "protocol.systemic_held_during_sbrt",
+    # Arm-level toxicity counts are for the DSMB alone.
+    "dsmb.",
 )
 
 

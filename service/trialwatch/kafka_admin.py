@@ -38,6 +38,9 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
             topic_configs={"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000)},
         )
     )
+    # Facts are folded into the arm table (changelog-backed); a week covers
+    # any outage the arm agent could be catching up from.
+    specs.append(NewTopic(settings.arm_facts_topic, settings.partitions, rf, topic_configs={"retention.ms": _WEEK_MS}))
     return specs
 
 

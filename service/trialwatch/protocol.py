@@ -159,6 +159,16 @@ class RecistRule(_Frozen):
     node_normal_below_mm: Decimal
 
 
+class ToxicityBoundaryRule(_Frozen):
+    severity: Severity
+    prior_a: Annotated[float, Field(gt=0)]
+    prior_b: Annotated[float, Field(gt=0)]
+    p0: Annotated[float, Field(gt=0, lt=1)]
+    cutoff: Annotated[float, Field(gt=0, lt=1)]
+    min_grade: Annotated[int, Field(ge=1, le=5)]
+    related_attributions: list[str]
+
+
 class Rules(_Frozen):
     platelets_low: PlateletsRule = Field(alias="lab.platelets.low")
     bilirubin_high: BilirubinRule = Field(alias="lab.bilirubin.high")
@@ -172,6 +182,7 @@ class Rules(_Frozen):
     rild: RildRule = Field(alias="rild.suspected")
     eligibility: EligibilityRule = Field(alias="eligibility.violation")
     recist: RecistRule = Field(alias="recist.progression")
+    toxicity_boundary: ToxicityBoundaryRule = Field(alias="dsmb.toxicity_boundary")
 
 
 class Protocol(_Frozen):

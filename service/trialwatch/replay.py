@@ -10,6 +10,7 @@ from datetime import datetime
 from trialwatch.contract import AlertMessage, InputEvent
 from trialwatch.decode import Rejection, decode
 from trialwatch.engine import Engine, SubjectState, Tick
+from trialwatch.engine.toxicity import ArmMonitor, ArmState, subject_fact
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,9 @@ class Replay:
         self.engine = engine
         self.states: dict[str, SubjectState] = {}
         self.clock: datetime | None = None
+        # The arm-level monitor runs after the subject engine, as its agent does live.
+        self.arm_monitor = ArmMonitor(engine.protocol)
+        self.arms: dict[str, ArmState] = {}
 
     def _advance(self, at: datetime) -> list[AlertMessage]:
         """Fire every deadline due at or before `at`, earliest first, each at its own time."""
@@ -65,6 +69,9 @@ class Replay:
                 return out
             deadline, sid = min(due)
             state, alerts = self.engine.apply(self.states[sid], Tick(sid, deadline), self._now(deadline))
+            if state.next_deadline_at == deadline:
+                # A tick at a deadline decides it; if not, stop rather than loop.
+                raise RuntimeError(f"deadline {deadline.isoformat()} not decided by its tick")
             self.states[sid] = state
             out.extend(alerts)
 
@@ -76,9 +83,16 @@ class Replay:
     def apply(self, event: InputEvent) -> list[AlertMessage]:
         out = self._advance(event.occurred_at)
         now = self._now(event.occurred_at)
-        state, alerts = self.engine.apply(self.states.get(event.subject_id), event, now)
+        previous = self.states.get(event.subject_id)
+        before = subject_fact(previous, self.engine.protocol, "") if previous is not None else None
+        state, alerts = self.engine.apply(previous, event, now)
         self.states[event.subject_id] = state
-        return out + alerts
+        out += alerts
+        after = subject_fact(state, self.engine.protocol, event.event_id)
+        if after is not None and (before is None or (before.arm, before.counted) != (after.arm, after.counted)):
+            self.arms[after.arm], arm_alerts = self.arm_monitor.apply(self.arms.get(after.arm), after, now)
+            out += arm_alerts
+        return out
 
     def finish(self, as_of: datetime | None) -> list[AlertMessage]:
         if as_of is None:

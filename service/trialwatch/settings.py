@@ -64,5 +64,10 @@ class Settings(BaseSettings):
         return f"{self.app_id}-deadline-ticks"
 
     @property
+    def arm_facts_topic(self) -> str:
+        """Internal topic of per-subject toxicity facts, keyed by arm."""
+        return f"{self.app_id}-arm-facts"
+
+    @property
     def bootstrap_list(self) -> list[str]:
         return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]

@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ import structlog
 from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, AlertMessage, DeadLetter, mask
 from trialwatch.decode import Rejection, decode, printable
 from trialwatch.engine import Engine, SubjectState, Tick
+from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, subject_fact
 from trialwatch.metrics import Metrics
 
 # send(topic, key, value) hands a record to the producer and returns an
@@ -87,6 +88,7 @@ class SubjectWorker:
         send: Send,
         *,
         ticks_topic: str | None = None,
+        arm_facts_topic: str | None = None,
         retry_initial_s: float = 0.2,
         retry_max_s: float = 10.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -98,6 +100,8 @@ class SubjectWorker:
         self.retry_max_s = retry_max_s
         self.clock = clock
         self.ticks_topic = ticks_topic
+        self.arm_facts_topic = arm_facts_topic
+        self.arm_monitor = ArmMonitor(engine.protocol)
         self.deadlines = DeadlineIndex()
         # For the stall watchdog: is a record being handled, and since when is
         # the agent idle.
@@ -147,7 +151,9 @@ class SubjectWorker:
         try:
             raw = states.get(record.key)
             state = SubjectState.from_bytes(raw) if raw is not None else None
+            before = subject_fact(state, self.engine.protocol, "") if state is not None else None
             state, alerts = self.engine.apply(state, event, self.clock())
+            after = subject_fact(state, self.engine.protocol, event.event_id)
         except Exception as exc:  # noqa: BLE001 - a bug must dead-letter the event, not kill the worker
             bound.exception("engine failed on a valid event")
             await self._dead_letter(
@@ -156,6 +162,8 @@ class SubjectWorker:
                 bound,
             )
             return
+        if after is not None and (before is None or (before.arm, before.counted) != (after.arm, after.counted)):
+            await self._publish_arm_fact(after)
         if alerts:
             await self._publish_alerts(alerts)
             self._log_alerts(alerts, bound)
@@ -186,6 +194,27 @@ class SubjectWorker:
         assert record.key is not None
         states[record.key] = state.to_bytes()
         self.deadlines.update(record.partition, record.key, state.next_deadline_at)
+
+    async def _publish_arm_fact(self, fact: ArmFact) -> None:
+        # Keyed by arm: every fact of an arm meets its counts in one agent.
+        if self.arm_facts_topic is not None:
+            await self._deliver_all([(self.arm_facts_topic, fact.arm.encode(), json.dumps(asdict(fact)).encode())])
+
+    async def handle_arm_fact(self, record: Record, arms: MutableMapping[bytes, bytes]) -> None:
+        """Fold one subject's fact into its arm's counts; publish a boundary alert when crossed."""
+        self.busy = True
+        try:
+            fact = ArmFact(**json.loads(record.value or b""))
+            raw = arms.get(fact.arm.encode())
+            state = ArmState.from_bytes(raw) if raw is not None else None
+            state, alerts = self.arm_monitor.apply(state, fact, self.clock())
+            if alerts:
+                await self._publish_alerts(alerts)
+                self._log_alerts(alerts, log.bind(topic=record.topic, partition=record.partition, offset=record.offset))
+            arms[fact.arm.encode()] = state.to_bytes()
+        finally:
+            self.busy = False
+            self.last_activity = time.monotonic()
 
     @staticmethod
     def _log_alerts(alerts: list[AlertMessage], bound: Any) -> None:

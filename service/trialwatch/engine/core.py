@@ -45,7 +45,7 @@ class Engine:
                 # A tick for a subject with no state has nothing to check.
                 return SubjectState(subject_id=event.subject_id, site_id=""), []
             book = AlertBook(state, self.protocol.trial, event.at, now)
-            self._evaluate_subject(book, now, event.at)
+            self._evaluate_subject(book, min(event.at, now), event.at)
             return state, book.messages
 
         if state is None:
@@ -79,13 +79,15 @@ class Engine:
             report = adverse_events.record_report(state, event)
             adverse_events.evaluate_grade(book, event, report, self.protocol)
             adverse_events.evaluate_serious(book, event, report, self.protocol)
-        self._evaluate_subject(book, now, event.occurred_at)
+        # An event may fire deadlines up to its own clinical time; later ones
+        # are the ticks' business (see treatment.next_deadline).
+        self._evaluate_subject(book, min(event.occurred_at, now), event.occurred_at)
         return state, book.messages
 
-    def _evaluate_subject(self, book: AlertBook, now: datetime, occurred_at: datetime) -> None:
+    def _evaluate_subject(self, book: AlertBook, horizon: datetime, occurred_at: datetime) -> None:
         """Rules over the subject's whole history and the clock: run after every event and tick."""
-        treatment.evaluate_window(book, self.protocol, now, occurred_at)
+        treatment.evaluate_window(book, self.protocol, horizon, occurred_at)
         treatment.evaluate_deviations(book, self.protocol)
         subject_rules.evaluate_rild(book, self.protocol)
         subject_rules.evaluate_eligibility(book, self.protocol)
-        book.state.next_deadline_at = treatment.next_deadline(book.state, self.protocol, now)
+        book.state.next_deadline_at = treatment.next_deadline(book.state, self.protocol)

@@ -60,13 +60,26 @@ def window_deadlines(state: SubjectState, protocol: Protocol) -> tuple[datetime,
     return end_of_calendar_day(start.at, spec.at_risk_after_days), end_of_calendar_day(start.at, spec.missed_after_days)
 
 
-def next_deadline(state: SubjectState, protocol: Protocol, now: datetime) -> datetime | None:
-    """The earliest window deadline still ahead of `now` whose outcome is open, or None."""
+def next_deadline(state: SubjectState, protocol: Protocol) -> datetime | None:
+    """The earliest window deadline not yet decided, even one already past; None when nothing is pending.
+
+    A past one is fired by the next tick rather than by the event being
+    processed: backfilled history (a start months old, its fractions right
+    behind it in the partition) is then complete before the deadline is
+    judged, instead of raising an alert that the next record resolves.
+    """
     deadlines = window_deadlines(state, protocol)
-    if deadlines is None or state.arm == "control":
+    if deadlines is None or state.arm != "sbrt":
         return None
+    at_risk, missed = deadlines
     first_fraction = _first(state.sbrt_fractions)
-    pending = [d for d in deadlines if d > now and (first_fraction is None or first_fraction.at >= d)]
+    decided_missed = f"sbrt.window.missed|{WINDOW_KEY}" in state.alerts or (
+        first_fraction is not None and first_fraction.at < missed
+    )
+    decided_at_risk = (
+        decided_missed or first_fraction is not None or f"sbrt.window.at_risk|{WINDOW_KEY}" in state.alerts
+    )
+    pending = [d for d, decided in ((at_risk, decided_at_risk), (missed, decided_missed)) if not decided]
     return min(pending, default=None)
 
 
@@ -92,8 +105,13 @@ def _window_evidence(
     }
 
 
-def evaluate_window(book: AlertBook, protocol: Protocol, now: datetime, occurred_at: datetime) -> None:
-    """`sbrt.window.at_risk` and `sbrt.window.missed`, one episode each per subject."""
+def evaluate_window(book: AlertBook, protocol: Protocol, horizon: datetime, occurred_at: datetime) -> None:
+    """`sbrt.window.at_risk` and `sbrt.window.missed`, one episode each per subject.
+
+    Deadlines up to `horizon` may fire: a tick's time, or an event's own
+    clinical time (never later than the service clock).
+    """
+    now = horizon
     state = book.state
     deadlines = window_deadlines(state, protocol)
     if deadlines is None or state.arm != "sbrt":
