@@ -52,7 +52,12 @@ echo "metrics: http://127.0.0.1:$PORT/metrics"
 # The synthetic cohort of seeds/demo-cohort.template.jsonl, dated relative to
 # today so that the clock-driven rules (SBRT window) show as well.
 [ -n "${TRIALWATCH_DEMO_COHORT:-}" ] || "$BIN/trialwatch" demo-cohort > "$COHORT"
-"$BIN/trialwatch" publish "$COHORT"
+# Enrolments first, as in life (weeks before any lab): Kafka does not order
+# records across topics, and an alert raised before its subject's enrolment
+# is read carries no arm.
+grep '"trial.enrollment.v1"' "$COHORT" | "$BIN/trialwatch" publish -
+sleep 2
+grep -v '"trial.enrollment.v1"' "$COHORT" | "$BIN/trialwatch" publish -
 echo
 echo "DSMB alerts (unblinded stream trial.alerts.v1); Ctrl-C to stop everything:"
 "$BIN/trialwatch" alerts

@@ -9,10 +9,11 @@ from typing import Any
 
 import faust
 import structlog
+from aiokafka.structs import TopicPartition
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from trialwatch.contract import INPUT_TOPICS
+from trialwatch.contract import INPUT_TOPICS, TREATMENT
 from trialwatch.engine import Engine
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
@@ -143,6 +144,15 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         metrics.pending_deadlines.set(worker.deadlines.pending(owned))
         now = datetime.now(UTC)
         for partition, key, deadline in worker.deadlines.due(owned, now):
+            tp = TopicPartition(TREATMENT, partition)
+            highwater = app.consumer.highwater(tp)
+            # Nothing processed since start: the committed offset is where it stands.
+            done = worker.next_offset.get((TREATMENT, partition))
+            if done is None:
+                done = app.consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
+            behind = highwater is not None and highwater > done
+            if behind and (now - deadline).total_seconds() < settings.tick_max_defer_s:
+                continue  # judge the deadline on the complete treatment history
             previous = sent.get(key)
             if previous is not None and previous[0] == deadline and time.monotonic() - previous[1] < resend_after_s:
                 continue

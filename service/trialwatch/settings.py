@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # How often the deadline timer looks for subjects whose deadline passed;
     # a deadline fires at most this long (plus one round trip) after it is due.
     tick_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    # A due deadline waits while the subject's treatment partition still has
+    # unread records (a fraction may be among them), but never longer than this.
+    tick_max_defer_s: Annotated[float, Field(ge=0)] = 60.0
     # Stall watchdog (see watchdog.py): after the agent has been idle this
     # long (more than Faust's 2.8 s commit interval), records beyond the
     # committed offset are records nobody is processing; re-read them.

@@ -103,6 +103,9 @@ class SubjectWorker:
         self.arm_facts_topic = arm_facts_topic
         self.arm_monitor = ArmMonitor(engine.protocol)
         self.deadlines = DeadlineIndex()
+        # Next offset to process per (topic, partition): with the high-water
+        # mark, how far behind this worker is.
+        self.next_offset: dict[tuple[str, int], int] = {}
         # For the stall watchdog: is a record being handled, and since when is
         # the agent idle.
         self.busy = False
@@ -117,6 +120,7 @@ class SubjectWorker:
         self.busy = True
         try:
             await self._handle(record, states)
+            self.next_offset[(record.topic, record.partition)] = record.offset + 1
         finally:
             self.busy = False
             self.last_activity = time.monotonic()

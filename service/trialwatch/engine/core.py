@@ -7,13 +7,15 @@ replay` are its only callers, so replay is the oracle for the service.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from trialwatch.contract import AdverseEvent, AlertMessage, Enrollment, InputEvent, Lab, Scan, Treatment
 from trialwatch.engine import adverse_events, labs, recist, subject_rules, treatment
 from trialwatch.engine.lifecycle import AlertBook
 from trialwatch.engine.state import SubjectState
 from trialwatch.protocol import Protocol
+
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +81,12 @@ class Engine:
             report = adverse_events.record_report(state, event)
             adverse_events.evaluate_grade(book, event, report, self.protocol)
             adverse_events.evaluate_serious(book, event, report, self.protocol)
-        # An event may fire deadlines up to its own clinical time; later ones
-        # are the ticks' business (see treatment.next_deadline).
-        self._evaluate_subject(book, min(event.occurred_at, now), event.occurred_at)
+        # A treatment event may fire window deadlines up to its own clinical
+        # time: the fractions travel on its topic, in order. Another topic's
+        # event says nothing about fractions not yet read, so it fires none.
+        # Deadlines past on the wall clock are the ticks' business.
+        horizon = min(event.occurred_at, now) if isinstance(event, Treatment) else _NEVER
+        self._evaluate_subject(book, horizon, event.occurred_at)
         return state, book.messages
 
     def _evaluate_subject(self, book: AlertBook, horizon: datetime, occurred_at: datetime) -> None:
