@@ -26,7 +26,9 @@ def record_scan(state: SubjectState, scan: Scan) -> None:
         target_nodes=[les.lesion_id for les in scan.lesions if les.role == "target" and les.lymph_node],
         non_target_progression=any(les.unequivocal_progression for les in non_targets),
         non_targets=[les.lesion_id for les in non_targets],
-        non_targets_gone=[les.lesion_id for les in non_targets if (les.diameter_mm or 0) == 0],
+        # Only an explicit 0 means gone: a non-target reported without a
+        # diameter (a bone metastasis, say) is present, not resolved.
+        non_targets_gone=[les.lesion_id for les in non_targets if les.diameter_mm == 0],
         new_lesions=[les.lesion_id for les in scan.lesions if les.role == "new"],
     )
 

@@ -155,7 +155,7 @@ def evaluate_eligibility(book: AlertBook, protocol: Protocol) -> None:
         "screening_window_days": protocol.rules.eligibility.screening_window_days,
         "protocol_version": protocol.version,
     }
-    if failures and rec is None and f"eligibility.violation|{SUBJECT_KEY}" not in state.alerts:
+    if failures and rec is None:
         assert state.enrolled_at is not None
         book.open(
             rule="eligibility.violation",
