@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,28 @@ log = structlog.get_logger("trialwatch.app")
 # Records stay bytes end to end: decoding is ours (pydantic), so a record
 # that is not JSON reaches the dead-letter path instead of failing in Faust.
 _RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+
+
+async def _drive(stream: faust.StreamT[bytes], handle: Callable[[Record], Awaitable[None]]) -> None:
+    """Hand each record of an agent's stream to `handle`, one at a time, to completion."""
+    async for event in stream.events():
+        msg = event.message
+        record = Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, msg.timestamp)
+        try:
+            await handle(record)
+        except BaseException:
+            # An exception escaping a Faust agent acks the record and stops
+            # the agent while the worker looks healthy: records would be
+            # committed unprocessed. Exit at once instead, so the offset stays
+            # uncommitted and a restart re-processes the record.
+            log.critical(
+                "unrecoverable error; exiting so the record is re-processed",
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                exc_info=True,
+            )
+            os._exit(70)
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
@@ -104,31 +127,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.agent(inputs, name="trialwatch.subjects")
     async def subjects_agent(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            msg = event.message
-            record = Record(
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-                key=msg.key,
-                value=msg.value,
-                timestamp_s=msg.timestamp,
-            )
-            try:
-                await worker.handle(record, subjects)
-            except BaseException:
-                # An exception escaping a Faust agent acks the record and
-                # stops the agent while the worker looks healthy: events
-                # would be committed unprocessed. Exit at once instead, so
-                # the offset stays uncommitted and a restart re-processes it.
-                log.critical(
-                    "unrecoverable error; exiting so the event is re-processed",
-                    topic=msg.topic,
-                    partition=msg.partition,
-                    offset=msg.offset,
-                    exc_info=True,
-                )
-                os._exit(70)
+        await _drive(stream, lambda record: worker.handle(record, subjects))
 
     ticks = app.topic(settings.ticks_topic, **_RAW)
     # (deadline, monotonic time sent) per subject key: one tick per deadline,
@@ -204,20 +203,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.agent(app.topic(settings.arm_facts_topic, **_RAW), name="trialwatch.arms")
     async def arms_agent(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            msg = event.message
-            record = Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, msg.timestamp)
-            try:
-                await worker.handle_arm_fact(record, arm_states)
-            except BaseException:
-                log.critical(
-                    "unrecoverable error in the arm monitor; exiting so the fact is re-processed",
-                    topic=msg.topic,
-                    partition=msg.partition,
-                    offset=msg.offset,
-                    exc_info=True,
-                )
-                os._exit(70)
+        await _drive(stream, lambda record: worker.handle_arm_fact(record, arm_states))
 
     def consuming() -> bool:
         return bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
