@@ -131,3 +131,41 @@ class TestDeadlineSurvivesRestart:
         assert [("firing", 1)] == missed
         [fired] = [a for a in alerts if a["rule"] == "sbrt.window.missed"]
         assert closes == datetime.fromisoformat(fired["occurred_at"])
+
+
+class TestDeadlineMovesWithItsPartition:
+    """When the worker that owns a subject leaves, the deadline fires once on the worker that takes over."""
+
+    async def test_missed_fires_once_on_the_surviving_worker(
+        self, bootstrap: str, worker_factory: Any, producer: AIOKafkaProducer, subject_prefix: str
+    ) -> None:
+        first = worker_factory()
+        first.start()
+        second = worker_factory(app_id=first.app_id)
+        second.start()
+        subjects = [f"{subject_prefix}-move{i}" for i in range(4)]  # spread over both workers' partitions
+        start, closes = start_whose_window_closes_in(25)
+        await publish(
+            producer, [line for s in subjects for line in (enrollment(s, "sbrt"), second_line_start(s, start))]
+        )
+        await read_topic(
+            bootstrap,
+            "trial.alerts.v1",
+            lambda v: v["subject_id"] in subjects,
+            lambda f: len({a["subject_id"] for a in f}) == len(subjects),
+            timeout_s=20,
+        )
+
+        first.stop(signal.SIGTERM)  # its partitions move to the second worker
+        wait = (closes - datetime.now(UTC)).total_seconds() + 25
+        alerts = await read_topic(
+            bootstrap,
+            "trial.alerts.v1",
+            lambda v: v["subject_id"] in subjects and v["rule"] == "sbrt.window.missed",
+            lambda f: len(f) >= len(subjects),
+            timeout_s=wait,
+            settle_s=5,
+        )
+
+        assert sorted(subjects) == sorted(a["subject_id"] for a in alerts)
+        assert all(closes == datetime.fromisoformat(a["occurred_at"]) for a in alerts)
