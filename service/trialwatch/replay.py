@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class Replay:
         self.engine = engine
         self.states: dict[str, SubjectState] = {}
         self.clock: datetime | None = None
+        # (deadline, subject) min-heap; entries whose deadline moved are skipped.
+        self._deadlines: list[tuple[datetime, str]] = []
         # The arm-level monitor runs after the subject engine, as its agent does live.
         self.arm_monitor = ArmMonitor(engine.protocol)
         self.arms: dict[str, ArmState] = {}
@@ -59,21 +62,23 @@ class Replay:
     def _advance(self, at: datetime) -> list[AlertMessage]:
         """Fire every deadline due at or before `at`, earliest first, each at its own time."""
         out: list[AlertMessage] = []
-        while True:
-            due = [
-                (s.next_deadline_at, sid)
-                for sid, s in self.states.items()
-                if s.next_deadline_at is not None and s.next_deadline_at <= at
-            ]
-            if not due:
-                return out
-            deadline, sid = min(due)
-            state, alerts = self.engine.apply(self.states[sid], Tick(sid, deadline), self._now(deadline))
+        while self._deadlines and self._deadlines[0][0] <= at:
+            deadline, sid = heapq.heappop(self._deadlines)
+            state = self.states[sid]
+            if state.next_deadline_at != deadline:
+                continue  # superseded: the subject's deadline moved since it was queued
+            state, alerts = self.engine.apply(state, Tick(sid, deadline), self._now(deadline))
             if state.next_deadline_at == deadline:
                 # A tick at a deadline decides it; if not, stop rather than loop.
                 raise RuntimeError(f"deadline {deadline.isoformat()} not decided by its tick")
-            self.states[sid] = state
+            self._store(sid, state)
             out.extend(alerts)
+        return out
+
+    def _store(self, sid: str, state: SubjectState) -> None:
+        self.states[sid] = state
+        if state.next_deadline_at is not None:
+            heapq.heappush(self._deadlines, (state.next_deadline_at, sid))
 
     def _now(self, at: datetime) -> datetime:
         if self.clock is None or at > self.clock:
@@ -86,7 +91,7 @@ class Replay:
         previous = self.states.get(event.subject_id)
         before = subject_fact(previous, self.engine.protocol, "") if previous is not None else None
         state, alerts = self.engine.apply(previous, event, now)
-        self.states[event.subject_id] = state
+        self._store(event.subject_id, state)
         out += alerts
         after = subject_fact(state, self.engine.protocol, event.event_id)
         if after is not None and (before is None or (before.arm, before.counted) != (after.arm, after.counted)):
