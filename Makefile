@@ -12,7 +12,7 @@ KAFKA := deploy/kafka/kafka.sh
 # `make test` runs its own broker on other ports than `make run`, so both can run at once.
 TEST_KAFKA_ENV := KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 KAFKA_STATE_DIR=$(CURDIR)/.kafka-test
 
-.PHONY: install run test lint unit schemas kafka-up kafka-down clean
+.PHONY: install run test lint unit schemas promtool kafka-up kafka-down clean
 
 install: $(STAMP)
 
@@ -36,11 +36,19 @@ test: install
 	if [ $$status -eq 0 ]; then echo "make test: all green"; else echo "make test: FAILED ($$status)"; fi; \
 	exit $$status
 
-lint: install
+lint: install promtool
 	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service tests
 	$(BIN)/mypy
 	$(BIN)/trialwatch schemas --check
+	cd deploy/prometheus && promtool check config prometheus.yml && promtool test rules rules_test.yml
+
+# promtool comes with Debian's prometheus package; the service it may start is not wanted.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	  && { systemctl stop prometheus 2>/dev/null || pkill -x prometheus || true; }; }
 
 unit: install
 	$(BIN)/pytest tests/unit

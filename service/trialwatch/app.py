@@ -15,7 +15,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from trialwatch.contract import INPUT_TOPICS, TREATMENT
-from trialwatch.engine import Engine
+from trialwatch.engine import Engine, SubjectState
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
 from trialwatch.settings import Settings
@@ -95,7 +95,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # Every changelog record read while recovering a partition (after a
         # restart or when a partition moves here): rebuild the deadline index,
         # so deadlines that passed while no one owned them fire now.
-        worker.deadlines.update_from_state_bytes(event.message.partition, event.key, event.value)
+        partition = event.message.partition
+        worker.deadlines.update_from_state_bytes(partition, event.key, event.value)
+        worker.open_alerts.update(partition, event.key, SubjectState.from_bytes(event.value) if event.value else None)
 
     subjects = app.Table(
         "subjects",
@@ -129,6 +131,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     async def subjects_agent(stream: faust.StreamT[bytes]) -> None:
         await _drive(stream, lambda record: worker.handle(record, subjects))
 
+    def processed_upto(tp: Any) -> int:
+        """Next offset of `tp` to process: this worker's own count, else the group's committed offset."""
+        done = worker.next_offset.get((tp.topic, tp.partition))
+        if done is None:
+            done = app.consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
+        return done
+
     ticks = app.topic(settings.ticks_topic, **_RAW)
     # (deadline, monotonic time sent) per subject key: one tick per deadline,
     # re-sent only if the first seems lost.
@@ -145,11 +154,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         for partition, key, deadline in worker.deadlines.due(owned, now):
             tp = TopicPartition(TREATMENT, partition)
             highwater = app.consumer.highwater(tp)
-            # Nothing processed since start: the committed offset is where it stands.
-            done = worker.next_offset.get((TREATMENT, partition))
-            if done is None:
-                done = app.consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
-            behind = highwater is not None and highwater > done
+            behind = highwater is not None and highwater > processed_upto(tp)
             if behind and (now - deadline).total_seconds() < settings.tick_max_defer_s:
                 continue  # judge the deadline on the complete treatment history
             previous = sent.get(key)
@@ -205,6 +210,25 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     async def arms_agent(stream: faust.StreamT[bytes]) -> None:
         await _drive(stream, lambda record: worker.handle_arm_fact(record, arm_states))
 
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
+    async def gauges() -> None:
+        """Lag and open alerts, for the partitions this worker owns now."""
+        if app.rebalancing:
+            return
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic in INPUT_TOPICS]
+        owned = {tp.partition for tp in assigned}
+        for severity, count in worker.open_alerts.totals(owned).items():
+            metrics.open_alerts.labels(severity).set(count)
+        now = time.time()
+        for tp in assigned:
+            highwater = app.consumer.highwater(tp)
+            lag = max(0, highwater - processed_upto(tp)) if highwater is not None else 0
+            last = worker.last_timestamp.get((tp.topic, tp.partition))
+            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+            metrics.consumer_lag_seconds.labels(tp.topic, str(tp.partition)).set(
+                max(0.0, now - last) if lag and last is not None else 0.0
+            )
+
     def consuming() -> bool:
         return bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
 
@@ -214,6 +238,23 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             ready = consuming()
             metrics.ready.set(1 if ready else 0)
             return self.json({"status": "ok", "consuming": ready})
+
+    @app.page("/ready")
+    class Ready(View):
+        """Readiness: tables recovered and partitions assigned; 503 until then (and during rebalances)."""
+
+        async def get(self, request: Request) -> Response:
+            ready = consuming()
+            metrics.ready.set(1 if ready else 0)
+            return self.json({"ready": ready}, status=200 if ready else 503)
+
+    @app.page("/live")
+    class Live(View):
+        """Liveness: the worker has not crashed or begun stopping (an agent error exits the process)."""
+
+        async def get(self, request: Request) -> Response:
+            alive = not app.should_stop and not app.crashed
+            return self.json({"alive": alive}, status=200 if alive else 503)
 
     @app.page("/metrics")
     class PrometheusMetrics(View):

@@ -65,14 +65,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from trialwatch.app import create_app
     from trialwatch.kafka_admin import ensure_topics
-    from trialwatch.logs import configure_logging
+    from trialwatch.logs import configure_logging, stdlib_logging_config
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(ensure_topics(settings))
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings)
-    worker = Worker(app, loglevel=settings.log_level, quiet=True)
+    worker = Worker(
+        app,
+        loglevel=settings.log_level,
+        quiet=True,
+        logging_config=stdlib_logging_config(settings.log_level, settings.log_format),
+    )
     worker.execute_from_commandline()
     return 0
 

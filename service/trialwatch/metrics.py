@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from trialwatch import __version__
+from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, INPUT_TOPICS
 
 # Processing one event is sub-millisecond when healthy; the top buckets catch
 # stalls on Kafka retries.
@@ -59,6 +60,32 @@ class Metrics:
             ["topic"],
             registry=registry,
         )
+        self.open_alerts = Gauge(
+            "trialwatch_open_alerts",
+            "Alerts currently firing, by severity, for the subjects on the partitions this worker owns",
+            ["severity"],
+            registry=registry,
+        )
+        for severity in ("info", "warning", "high", "critical"):
+            self.open_alerts.labels(severity).set(0)
+        self.consumer_lag = Gauge(
+            "trialwatch_consumer_lag_messages",
+            "Input records not yet processed, by topic and partition",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "trialwatch_consumer_lag_seconds",
+            "Age of the last processed record when records are waiting behind it (0 when caught up)",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.site_last_event = Gauge(
+            "trialwatch_site_last_event_timestamp_seconds",
+            "Unix time of the last valid input event from each site (site codes are few and name no person)",
+            ["site"],
+            registry=registry,
+        )
         self.pending_deadlines = Gauge(
             "trialwatch_pending_deadlines",
             "Subjects with a protocol deadline still ahead, on the partitions this worker owns",
@@ -69,6 +96,12 @@ class Metrics:
             "Deadline ticks sent to the internal ticks topic",
             registry=registry,
         )
+        # Zero series for the known topics, so rate() and alert rules see a 0,
+        # not an absent series, before the first retry or re-read.
+        for topic in (ALERTS, ALERTS_MASKED, DEADLETTER):
+            self.send_retries.labels(topic)
+        for topic in INPUT_TOPICS:
+            self.stalls_recovered.labels(topic)
         self.build_info = Info("trialwatch_build", "Version of the running service", registry=registry)
         self.build_info.info({"version": __version__})
         self.ready = Gauge(

@@ -76,6 +76,33 @@ class DeadlineIndex:
         return sum(len(self.by_partition.get(p, {})) for p in partitions)
 
 
+class OpenAlertIndex:
+    """Firing alerts by severity per subject, from the subjects' states: right after a restart too."""
+
+    def __init__(self) -> None:
+        self.by_partition: dict[int, dict[bytes, dict[str, int]]] = {}
+
+    def update(self, partition: int, key: bytes, state: SubjectState | None) -> None:
+        counts: dict[str, int] = {}
+        if state is not None:
+            for alert in state.alerts.values():
+                if alert.status == "firing":
+                    counts[alert.severity] = counts.get(alert.severity, 0) + 1
+        entries = self.by_partition.setdefault(partition, {})
+        if counts:
+            entries[key] = counts
+        else:
+            entries.pop(key, None)
+
+    def totals(self, partitions: set[int]) -> dict[str, int]:
+        out = {"info": 0, "warning": 0, "high": 0, "critical": 0}
+        for partition in partitions:
+            for counts in self.by_partition.get(partition, {}).values():
+                for severity, n in counts.items():
+                    out[severity] += n
+        return out
+
+
 def tick_payload(subject_id: str, due_at: datetime) -> bytes:
     return json.dumps({"subject_id": subject_id, "due_at": due_at.isoformat()}).encode()
 
@@ -103,6 +130,9 @@ class SubjectWorker:
         self.arm_facts_topic = arm_facts_topic
         self.arm_monitor = ArmMonitor(engine.protocol)
         self.deadlines = DeadlineIndex()
+        self.open_alerts = OpenAlertIndex()
+        # Kafka timestamp of the last processed record per (topic, partition).
+        self.last_timestamp: dict[tuple[str, int], float] = {}
         # Next offset to process per (topic, partition): with the high-water
         # mark, how far behind this worker is.
         self.next_offset: dict[tuple[str, int], int] = {}
@@ -121,6 +151,8 @@ class SubjectWorker:
         try:
             await self._handle(record, states)
             self.next_offset[(record.topic, record.partition)] = record.offset + 1
+            if record.timestamp_s is not None:
+                self.last_timestamp[(record.topic, record.partition)] = record.timestamp_s
         finally:
             self.busy = False
             self.last_activity = time.monotonic()
@@ -137,7 +169,10 @@ class SubjectWorker:
         if isinstance(event, Rejection):
             await self._dead_letter(record, event, bound)
             return
-        bound = bound.bind(event_id=event.event_id)
+        # Publishers often build event ids from the subject code: log the id
+        # with that code masked, so logs never name a subject.
+        bound = bound.bind(event_id=event.event_id.replace(event.subject_id, "…"))
+        self.metrics.site_last_event.labels(event.site_id).set(time.time())
         if record.key != event.subject_id.encode():
             # A subject's events must all land on its partition, or its state
             # would split between workers and rules would see half the story.
@@ -178,6 +213,7 @@ class SubjectWorker:
         # revision), never loses it.
         states[record.key] = state.to_bytes()
         self.deadlines.update(record.partition, record.key, state.next_deadline_at)
+        self.open_alerts.update(record.partition, record.key, state)
         self.metrics.processing_seconds.observe(time.perf_counter() - started)
 
     async def _handle_tick(self, record: Record, states: MutableMapping[bytes, bytes], bound: Any) -> None:
@@ -198,6 +234,7 @@ class SubjectWorker:
         assert record.key is not None
         states[record.key] = state.to_bytes()
         self.deadlines.update(record.partition, record.key, state.next_deadline_at)
+        self.open_alerts.update(record.partition, record.key, state)
 
     async def _publish_arm_fact(self, fact: ArmFact) -> None:
         # Keyed by arm: every fact of an arm meets its counts in one agent.

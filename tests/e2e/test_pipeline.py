@@ -114,6 +114,8 @@ class TestWebSurface:
         worker = worker_factory()
         worker.start()
         assert {"status": "ok", "consuming": True} == json.loads(worker.get("/health"))
+        assert {"ready": True} == json.loads(worker.get("/ready"))
+        assert {"alive": True} == json.loads(worker.get("/live"))
         assert "trialwatch_build_info" in worker.get("/metrics")
         codes = {}
         for path in ["/table/", "/table/subjects/", "/router/", "/graph/", "/stats/", "/performance/"]:

@@ -76,9 +76,7 @@ def next_deadline(state: SubjectState, protocol: Protocol) -> datetime | None:
     decided_missed = f"sbrt.window.missed|{WINDOW_KEY}" in state.alerts or (
         first_fraction is not None and first_fraction.at < missed
     )
-    decided_at_risk = (
-        decided_missed or first_fraction is not None or f"sbrt.window.at_risk|{WINDOW_KEY}" in state.alerts
-    )
+    decided_at_risk = decided_missed or f"sbrt.window.at_risk|{WINDOW_KEY}" in state.alerts
     pending = [d for d, decided in ((at_risk, decided_at_risk), (missed, decided_missed)) if not decided]
     return min(pending, default=None)
 
@@ -141,7 +139,8 @@ def evaluate_window(book: AlertBook, protocol: Protocol, horizon: datetime, occu
                 f"({start.at.date().isoformat()}); window closed {missed_deadline.isoformat()}"
             ),
         )
-    if at_risk is None and at_risk_deadline <= now < missed_deadline and fraction is None:
+    # At risk: no fraction in the window known yet (one after the window does not count).
+    if at_risk is None and at_risk_deadline <= now < missed_deadline and not in_window:
         at_risk = book.open(
             rule="sbrt.window.at_risk",
             key=WINDOW_KEY,
@@ -156,7 +155,7 @@ def evaluate_window(book: AlertBook, protocol: Protocol, horizon: datetime, occu
             ),
         )
     if at_risk is not None and at_risk.status == "firing":
-        if fraction is not None:
+        if in_window:
             _resolve(book, at_risk, protocol, at_risk_deadline, missed_deadline, occurred_at, "an SBRT fraction")
         elif missed is not None and missed.status == "firing":
             _resolve(book, at_risk, protocol, at_risk_deadline, missed_deadline, occurred_at, "sbrt.window.missed")
