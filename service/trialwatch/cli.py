@@ -120,6 +120,13 @@ def cmd_demo_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seed(args: argparse.Namespace) -> int:
+    from trialwatch.cohort import write
+
+    sys.stdout.writelines(write(args.subjects, args.seed, args.start))
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from trialwatch.schemas import SCHEMA_DIR, check_schemas, write_schemas
 
@@ -166,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-cohort", help="print the synthetic demo cohort, dated relative to today")
     p.add_argument("--today", type=date.fromisoformat, help="place the cohort as if today were this date")
     p.set_defaults(func=cmd_demo_cohort)
+
+    p = sub.add_parser("seed", help="write a deterministic synthetic cohort as an event file")
+    p.add_argument("--subjects", type=int, default=70, help="number of subjects (the trial plans 70)")
+    p.add_argument("--seed", type=int, default=1, help="same seed, same file")
+    p.add_argument("--start", type=date.fromisoformat, default=date(2025, 1, 6), help="first enrolment date")
+    p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("schemas", help="write JSON Schema and AsyncAPI files from the models")
     p.add_argument("--check", action="store_true", help="fail when the checked-in files differ")
