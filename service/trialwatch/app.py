@@ -167,6 +167,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             metrics.ticks_sent.inc()
 
     tried: dict[Any, tuple[int, int]] = {}
+    # A rebalance pauses the agent: idleness counts from the later of the last
+    # record and the last generation change, so a pause is never a stall.
+    generation = {"id": None, "since": time.monotonic()}
 
     @app.timer(interval=settings.stall_check_interval_s)  # type: ignore[untyped-decorator]
     async def stall_watchdog() -> None:
@@ -174,18 +177,21 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             return
         consumer = app.consumer
         tps = [tp for tp in consumer.assignment() if tp.topic in (*consumed, settings.arm_facts_topic)]
+        if app.consumer_generation_id != generation["id"]:
+            generation["id"], generation["since"] = app.consumer_generation_id, time.monotonic()
+            return
         if not tps or worker.busy:
             return
         highwaters = await consumer.highwaters(*tps)
         earliest = await consumer.earliest_offsets(*tps)
-        # Faust's view of what it committed (Kafka semantics: next offset to
-        # read); None where this group never committed the partition.
-        committed = {tp: consumer._committed_offset.get(tp) for tp in tps}  # type: ignore[attr-defined]
-        committed = {tp: (off if off is not None else earliest.get(tp)) for tp, off in committed.items()}
+        # The first record not yet processed: this worker's own count (exact),
+        # else the group's committed offset, else the start of the partition.
+        # Seeking there re-reads only what was skipped, not the whole backlog.
+        committed = {tp: max(processed_upto(tp), earliest.get(tp) or 0) for tp in tps}
         stalls = find_stalls(
             committed,
             highwaters,
-            idle_s=time.monotonic() - worker.last_activity,
+            idle_s=time.monotonic() - max(worker.last_activity, float(generation["since"] or 0)),
             idle_threshold_s=settings.stall_idle_s,
             busy=worker.busy,
             already_tried=tried,

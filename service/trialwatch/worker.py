@@ -253,6 +253,7 @@ class SubjectWorker:
                 await self._publish_alerts(alerts)
                 self._log_alerts(alerts, log.bind(topic=record.topic, partition=record.partition, offset=record.offset))
             arms[fact.arm.encode()] = state.to_bytes()
+            self.next_offset[(record.topic, record.partition)] = record.offset + 1
         finally:
             self.busy = False
             self.last_activity = time.monotonic()
