@@ -132,11 +132,15 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         await _drive(stream, lambda record: worker.handle(record, subjects))
 
     def processed_upto(tp: Any) -> int:
-        """Next offset of `tp` to process: this worker's own count, else the group's committed offset."""
-        done = worker.next_offset.get((tp.topic, tp.partition))
-        if done is None:
-            done = app.consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
-        return done
+        """Next offset of `tp` to process: the further of this worker's own count and the group's commit.
+
+        Our count runs ahead of the commit between commits; the commit runs
+        ahead of our count when the partition was owned by another worker in
+        between (our count is then stale).
+        """
+        own = worker.next_offset.get((tp.topic, tp.partition), 0)
+        committed = app.consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
+        return max(own, committed)
 
     ticks = app.topic(settings.ticks_topic, **_RAW)
     # (deadline, monotonic time sent) per subject key: one tick per deadline,
