@@ -95,9 +95,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # Every changelog record read while recovering a partition (after a
         # restart or when a partition moves here): rebuild the deadline index,
         # so deadlines that passed while no one owned them fire now.
-        partition = event.message.partition
-        worker.deadlines.update_from_state_bytes(partition, event.key, event.value)
-        worker.open_alerts.update(partition, event.key, SubjectState.from_bytes(event.value) if event.value else None)
+        # Parsed once for both indexes.
+        state = SubjectState.from_bytes(event.value) if event.value else None
+        worker.index(event.message.partition, event.key, state)
 
     subjects = app.Table(
         "subjects",

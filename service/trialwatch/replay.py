@@ -11,7 +11,7 @@ from datetime import datetime
 from trialwatch.contract import AlertMessage, InputEvent
 from trialwatch.decode import Rejection, decode
 from trialwatch.engine import Engine, SubjectState, Tick
-from trialwatch.engine.toxicity import ArmMonitor, ArmState, subject_fact
+from trialwatch.engine.toxicity import ArmMonitor, ArmState, changed_fact, subject_fact
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +93,9 @@ class Replay:
         state, alerts = self.engine.apply(previous, event, now)
         self._store(event.subject_id, state)
         out += alerts
-        after = subject_fact(state, self.engine.protocol, event.event_id)
-        if after is not None and (before is None or (before.arm, before.counted) != (after.arm, after.counted)):
-            self.arms[after.arm], arm_alerts = self.arm_monitor.apply(self.arms.get(after.arm), after, now)
+        fact = changed_fact(before, subject_fact(state, self.engine.protocol, event.event_id))
+        if fact is not None:
+            self.arms[fact.arm], arm_alerts = self.arm_monitor.apply(self.arms.get(fact.arm), fact, now)
             out += arm_alerts
         return out
 

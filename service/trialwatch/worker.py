@@ -19,7 +19,7 @@ import structlog
 from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, AlertMessage, DeadLetter, mask
 from trialwatch.decode import Rejection, decode, printable
 from trialwatch.engine import Engine, SubjectState, Tick
-from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, subject_fact
+from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, changed_fact, subject_fact
 from trialwatch.metrics import Metrics
 
 # send(topic, key, value) hands a record to the producer and returns an
@@ -56,13 +56,6 @@ class DeadlineIndex:
             entries.pop(key, None)
         else:
             entries[key] = deadline
-
-    def update_from_state_bytes(self, partition: int, key: bytes, value: bytes | None) -> None:
-        deadline = None
-        if value:
-            raw = json.loads(value).get("next_deadline_at")
-            deadline = datetime.fromisoformat(raw) if raw else None
-        self.update(partition, key, deadline)
 
     def due(self, partitions: set[int], now: datetime) -> list[tuple[int, bytes, datetime]]:
         return [
@@ -201,19 +194,17 @@ class SubjectWorker:
                 bound,
             )
             return
-        if after is not None and (before is None or (before.arm, before.counted) != (after.arm, after.counted)):
-            await self._publish_arm_fact(after)
+        fact = changed_fact(before, after)
+        if fact is not None:
+            await self._publish_arm_fact(fact)
         if alerts:
-            await self._publish_alerts(alerts)
-            self._log_alerts(alerts, bound)
+            await self._publish_alerts(alerts, bound)
             if record.timestamp_s is not None:
                 self.metrics.event_to_alert_seconds.observe(max(0.0, time.time() - record.timestamp_s))
         # The state is written after the alerts are acknowledged: a crash in
         # between re-processes the event and re-sends the same (alert_id,
         # revision), never loses it.
-        states[record.key] = state.to_bytes()
-        self.deadlines.update(record.partition, record.key, state.next_deadline_at)
-        self.open_alerts.update(record.partition, record.key, state)
+        self._save(record.partition, record.key, state, states)
         self.metrics.processing_seconds.observe(time.perf_counter() - started)
 
     async def _handle_tick(self, record: Record, states: MutableMapping[bytes, bytes], bound: Any) -> None:
@@ -229,12 +220,19 @@ class SubjectWorker:
         now = self.clock()
         state, alerts = self.engine.apply(SubjectState.from_bytes(raw), Tick(subject_id, now), now)
         if alerts:
-            await self._publish_alerts(alerts)
-            self._log_alerts(alerts, bound)
+            await self._publish_alerts(alerts, bound)
         assert record.key is not None
-        states[record.key] = state.to_bytes()
-        self.deadlines.update(record.partition, record.key, state.next_deadline_at)
-        self.open_alerts.update(record.partition, record.key, state)
+        self._save(record.partition, record.key, state, states)
+
+    def _save(self, partition: int, key: bytes, state: SubjectState, states: MutableMapping[bytes, bytes]) -> None:
+        """Write the subject's state and keep the in-memory indexes of it in step."""
+        states[key] = state.to_bytes()
+        self.index(partition, key, state)
+
+    def index(self, partition: int, key: bytes, state: SubjectState | None) -> None:
+        """Deadlines and open alerts of one subject, from its state (also called during recovery)."""
+        self.deadlines.update(partition, key, state.next_deadline_at if state is not None else None)
+        self.open_alerts.update(partition, key, state)
 
     async def _publish_arm_fact(self, fact: ArmFact) -> None:
         # Keyed by arm: every fact of an arm meets its counts in one agent.
@@ -250,28 +248,16 @@ class SubjectWorker:
             state = ArmState.from_bytes(raw) if raw is not None else None
             state, alerts = self.arm_monitor.apply(state, fact, self.clock())
             if alerts:
-                await self._publish_alerts(alerts)
-                self._log_alerts(alerts, log.bind(topic=record.topic, partition=record.partition, offset=record.offset))
+                await self._publish_alerts(
+                    alerts, log.bind(topic=record.topic, partition=record.partition, offset=record.offset)
+                )
             arms[fact.arm.encode()] = state.to_bytes()
             self.next_offset[(record.topic, record.partition)] = record.offset + 1
         finally:
             self.busy = False
             self.last_activity = time.monotonic()
 
-    @staticmethod
-    def _log_alerts(alerts: list[AlertMessage], bound: Any) -> None:
-        for alert in alerts:
-            # Alert ids are opaque hashes: safe to log, unlike subject codes.
-            bound.info(
-                "alert produced",
-                alert_id=alert.alert_id,
-                rule=alert.rule,
-                severity=alert.severity,
-                status=alert.status,
-                revision=alert.revision,
-            )
-
-    async def _publish_alerts(self, alerts: list[AlertMessage]) -> None:
+    async def _publish_alerts(self, alerts: list[AlertMessage], bound: Any) -> None:
         out: list[tuple[str, bytes, bytes]] = []
         for alert in alerts:
             key = alert.alert_id.encode()
@@ -282,6 +268,15 @@ class SubjectWorker:
         await self._deliver_all(out)
         for alert in alerts:
             self.metrics.alerts_produced.labels(alert.rule, alert.severity, alert.status).inc()
+            # Alert ids are opaque hashes: safe to log, unlike subject codes.
+            bound.info(
+                "alert produced",
+                alert_id=alert.alert_id,
+                rule=alert.rule,
+                severity=alert.severity,
+                status=alert.status,
+                revision=alert.revision,
+            )
 
     async def _dead_letter(self, record: Record, rejection: Rejection, bound: Any) -> None:
         letter = DeadLetter(

@@ -44,6 +44,13 @@ def subject_fact(state: SubjectState, protocol: Protocol, event_id: str) -> ArmF
     return ArmFact(state.subject_id, str(state.arm), counted, event_id)
 
 
+def changed_fact(before: ArmFact | None, after: ArmFact | None) -> ArmFact | None:
+    """`after` when it says something new about the subject (arm or counted), else None."""
+    if after is None or (before is not None and (before.arm, before.counted) == (after.arm, after.counted)):
+        return None
+    return after
+
+
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
     tiny, eps = 1e-300, 3e-16
