@@ -186,12 +186,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             return
         if not tps or worker.busy:
             return
-        highwaters = await consumer.highwaters(*tps)
-        earliest = await consumer.earliest_offsets(*tps)
-        # The first record not yet processed: this worker's own count (exact),
-        # else the group's committed offset, else the start of the partition.
-        # Seeking there re-reads only what was skipped, not the whole backlog.
-        committed = {tp: max(processed_upto(tp), earliest.get(tp) or 0) for tp in tps}
+        # No broker round trips here: they go through Faust's consumer thread
+        # and, seen in a two-worker rebalance, kept recovery from finishing.
+        # The cached high-water marks of the fetches are enough.
+        highwaters = {tp: consumer.highwater(tp) for tp in tps}
+        # The first record not yet processed (see processed_upto). Seeking to 0
+        # where the log starts later is safe: the reset policy is earliest.
+        committed = {tp: processed_upto(tp) for tp in tps}
         stalls = find_stalls(
             committed,
             highwaters,
