@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,11 @@ from aiokafka.structs import TopicPartition
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from trialwatch.contract import INPUT_TOPICS, TREATMENT
+from trialwatch.contract import ENROLLMENT, INPUT_TOPICS, TREATMENT
+from trialwatch.dsmb import web as dsmb_web
+from trialwatch.dsmb.api import DsmbApi, Role
+from trialwatch.dsmb.notify import Receiver
+from trialwatch.dsmb.service import DsmbFeed, Notifier, unacknowledged_gauges
 from trialwatch.engine import Engine, SubjectState
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
@@ -228,6 +233,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             return
         assigned = [tp for tp in app.consumer.assignment() if tp.topic in INPUT_TOPICS]
         owned = {tp.partition for tp in assigned}
+        unacknowledged_gauges(feed, metrics)
         for severity, count in worker.open_alerts.totals(owned).items():
             metrics.open_alerts.labels(severity).set(count)
         now = time.time()
@@ -242,6 +248,60 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     def consuming() -> bool:
         return bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+
+    # DSMB delivery: every worker keeps the alert books and serves the API;
+    # the worker owning the lead partition runs the webhook notifier.
+    async def publish(topic: str, key: bytes, value: bytes) -> None:
+        await (await send(topic, key, value))
+
+    notifier: Notifier | None = None
+
+    def wake_notifier() -> None:
+        if notifier is not None:
+            notifier.wake.set()
+
+    feed = DsmbFeed(settings.bootstrap_list, settings.ledger_topic, on_change=wake_notifier)
+    api = DsmbApi(feed, publish, metrics, {Role.DSMB: settings.dsmb_token, Role.MASKED: settings.masked_token})
+    dsmb_web.register(app, api)
+    lead = TopicPartition(ENROLLMENT, 0)
+    if settings.webhook_urls or settings.escalation_webhook_urls:
+        assert settings.webhook_secret is not None  # enforced by Settings
+        notifier = Notifier(
+            feed,
+            publish,
+            metrics,
+            ledger_topic=settings.ledger_topic,
+            primary=[Receiver("primary", url) for url in settings.webhook_urls],
+            escalation=[Receiver("escalation", url) for url in settings.escalation_webhook_urls],
+            secret=settings.webhook_secret.get_secret_value().encode(),
+            escalate_after_s=settings.escalate_after_s,
+            timeout_s=settings.webhook_timeout_s,
+            retry_initial_s=settings.webhook_retry_initial_s,
+            retry_max_s=settings.webhook_retry_max_s,
+            give_up_after_s=settings.webhook_give_up_after_s,
+            is_leader=lambda: consuming() and lead in app.consumer.assignment(),
+        )
+
+    async def keep_running(name: str, run: Callable[[], Awaitable[None]]) -> None:
+        # The feed and the notifier outlive any one Kafka error: restart them
+        # (their state is rebuilt from the topics) rather than lose them silently.
+        while not app.should_stop:
+            try:
+                await run()
+            except Exception:
+                log.error(f"{name} stopped on an error; restarting in 5 s", exc_info=True)
+                await asyncio.sleep(5.0)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def dsmb_feed() -> None:
+        await keep_running("alert feed", feed.run)
+
+    if notifier is not None:
+        running = notifier
+
+        @app.task  # type: ignore[untyped-decorator]
+        async def webhook_notifier() -> None:
+            await keep_running("webhook notifier", running.run)
 
     @app.page("/health")
     class Health(View):

@@ -28,6 +28,9 @@ ADVERSE_EVENTS = "trial.adverse-events.v1"
 ALERTS = "trial.alerts.v1"
 ALERTS_MASKED = "trial.alerts.masked.v1"
 DEADLETTER = "trial.deadletter.v1"
+# Not in the v1 event contract (which covers hospital input and the alert
+# streams); added by the DSMB delivery work: the audit trail of acknowledgements.
+ALERT_ACKS = "trial.alert-acks.v1"
 
 INPUT_TOPICS: tuple[str, ...] = (ENROLLMENT, TREATMENT, LABS, SCANS, ADVERSE_EVENTS)
 OUTPUT_TOPICS: tuple[str, ...] = (ALERTS, ALERTS_MASKED, DEADLETTER)
@@ -279,6 +282,25 @@ class MaskedAlertMessage(BaseModel):
     report_due_at: AwareDatetime | None = None
     evidence: dict[str, Any]
     summary: str
+
+
+class AlertAck(BaseModel):
+    """A DSMB member acknowledged one state (revision) of an alert; on `trial.alert-acks.v1`, keyed by `alert_id`.
+
+    `ack_id` is derived from (`alert_id`, `revision`): acknowledging the same
+    state twice yields the same id, so readers keep the first and the record
+    is harmless when repeated. A later revision (the severity rose) needs an
+    acknowledgement of its own.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ack_id: str
+    alert_id: str
+    revision: Annotated[int, Field(ge=1, description="The alert state that was acknowledged")]
+    acknowledged_by: Annotated[str, Field(min_length=1, max_length=128, description="DSMB member, as they sign")]
+    comment: Annotated[str, Field(max_length=2000)] | None = None
+    acknowledged_at: AwareDatetime
 
 
 def reveals_arm(rule: str) -> bool:

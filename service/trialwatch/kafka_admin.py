@@ -7,7 +7,7 @@ import asyncio
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
-from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, INPUT_TOPICS
+from trialwatch.contract import ALERT_ACKS, ALERTS, ALERTS_MASKED, DEADLETTER, INPUT_TOPICS
 from trialwatch.settings import Settings
 
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
@@ -21,6 +21,8 @@ OUTPUT_CONFIGS: dict[str, dict[str, str]] = {
     ALERTS_MASKED: {"cleanup.policy": "compact", "min.compaction.lag.ms": _WEEK_MS},
     # Rejected input is evidence of what a site sent: keep it a year.
     DEADLETTER: {"cleanup.policy": "delete", "retention.ms": _YEAR_MS},
+    # The audit trail of who acknowledged what, when: never deleted.
+    ALERT_ACKS: {"cleanup.policy": "delete", "retention.ms": "-1"},
 }
 
 
@@ -41,6 +43,8 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
     # Facts are folded into the arm table (changelog-backed); a week covers
     # any outage the arm agent could be catching up from.
     specs.append(NewTopic(settings.arm_facts_topic, settings.partitions, rf, topic_configs={"retention.ms": _WEEK_MS}))
+    # Webhook outcomes: only the latest per delivery id matters.
+    specs.append(NewTopic(settings.ledger_topic, settings.partitions, rf, topic_configs={"cleanup.policy": "compact"}))
     return specs
 
 

@@ -102,6 +102,56 @@ class Metrics:
             self.send_retries.labels(topic)
         for topic in INPUT_TOPICS:
             self.stalls_recovered.labels(topic)
+        # DSMB delivery (dsmb/): the notifier's outcomes and what waits for a person.
+        self.webhook_deliveries = Counter(
+            "trialwatch_webhook_deliveries_total",
+            "Webhook delivery attempts by receiver group (primary, escalation), kind (alert, escalation) "
+            "and outcome (delivered, failed: will retry, gave_up)",
+            ["receiver_group", "kind", "outcome"],
+            registry=registry,
+        )
+        for group in ("primary", "escalation"):
+            for kind in ("alert", "escalation"):
+                for outcome in ("delivered", "failed", "gave_up"):
+                    self.webhook_deliveries.labels(group, kind, outcome)
+        self.webhook_seconds = Histogram(
+            "trialwatch_webhook_delivery_duration_seconds",
+            "Time of one webhook attempt, until the receiver answered or the attempt failed",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.webhook_pending = Gauge(
+            "trialwatch_webhook_pending_deliveries",
+            "Webhook deliveries owed and not yet made (on the worker that runs the notifier; 0 elsewhere)",
+            registry=registry,
+        )
+        self.unacknowledged_alerts = Gauge(
+            "trialwatch_unacknowledged_alerts",
+            "Firing alerts whose current state no DSMB member has acknowledged, by severity (every worker "
+            "reads the whole alert stream, so every worker reports the same figure)",
+            ["severity"],
+            registry=registry,
+        )
+        self.oldest_unacknowledged_seconds = Gauge(
+            "trialwatch_oldest_unacknowledged_alert_age_seconds",
+            "Age of the oldest unacknowledged firing alert at this severity (0 when none)",
+            ["severity"],
+            registry=registry,
+        )
+        for severity in ("info", "warning", "high", "critical"):
+            self.unacknowledged_alerts.labels(severity).set(0)
+            self.oldest_unacknowledged_seconds.labels(severity).set(0)
+        self.acks_recorded = Counter(
+            "trialwatch_alert_acks_recorded_total",
+            "Acknowledgements written to trial.alert-acks.v1 through the API",
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "trialwatch_api_requests_total",
+            "Requests to the DSMB API and page, by endpoint and HTTP status code",
+            ["endpoint", "code"],
+            registry=registry,
+        )
         self.build_info = Info("trialwatch_build", "Version of the running service", registry=registry)
         self.build_info.info({"version": __version__})
         self.ready = Gauge(

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from trialwatch import __version__
 from trialwatch.contract import (
     ADVERSE_EVENTS,
+    ALERT_ACKS,
     ALERTS,
     ALERTS_MASKED,
     DEADLETTER,
@@ -19,6 +20,7 @@ from trialwatch.contract import (
     SCANS,
     TREATMENT,
     AdverseEvent,
+    AlertAck,
     AlertMessage,
     DeadLetter,
     Enrollment,
@@ -46,6 +48,13 @@ TOPICS: dict[str, tuple[str, type[BaseModel], str, str]] = {
         "Alerts for blinded roles: no arm, no arm-revealing rule. Compacted.",
     ),
     DEADLETTER: ("DeadLetter", DeadLetter, "the rejected record's key", "Every input message that was not accepted."),
+    ALERT_ACKS: (
+        "AlertAck",
+        AlertAck,
+        "alert_id",
+        "A DSMB member acknowledged one alert state (written by POST /alerts/{alert_id}/ack). The audit trail: "
+        "never deleted. Not part of the fixed v1 event contract; added with DSMB delivery.",
+    ),
 }
 _INPUT = {ENROLLMENT, TREATMENT, LABS, SCANS, ADVERSE_EVENTS}
 

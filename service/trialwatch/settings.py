@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from trialwatch.protocol import DEFAULT_PROTOCOL_PATH
 
@@ -61,6 +61,46 @@ class Settings(BaseSettings):
     send_retry_initial_s: float = 0.2
     send_retry_max_s: float = 10.0
 
+    # DSMB API (see dsmb/web.py). Unset tokens lock the API: every request is 401.
+    dsmb_token: SecretStr | None = Field(default=None, description="Bearer token of the unblinded DSMB role")
+    masked_token: SecretStr | None = Field(default=None, description="Bearer token of the blinded, read-only role")
+    # Webhook notifier (see dsmb/service.py): comma-separated URLs. No URL, no notifier.
+    webhook_urls: Annotated[list[str], NoDecode] = []
+    escalation_webhook_urls: Annotated[list[str], NoDecode] = []
+    webhook_secret: SecretStr | None = Field(default=None, description="HMAC-SHA256 key signing every webhook body")
+    # A critical alert is the DSMB's to see within the hour: unacknowledged
+    # after this long it is re-sent and sent to the escalation receivers.
+    escalate_after_s: Annotated[float, Field(gt=0)] = 3600.0
+    webhook_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Retries double from the first delay up to the cap. A receiver that has
+    # refused a delivery for `webhook_give_up_after_s` (counted from the first
+    # attempt in this process) is given up on: counted, logged, and paged on
+    # (rule TrialwatchWebhookGaveUp); the alert stays in the API and the page.
+    webhook_retry_initial_s: Annotated[float, Field(gt=0)] = 1.0
+    webhook_retry_max_s: Annotated[float, Field(gt=0)] = 300.0
+    webhook_give_up_after_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
+
+    @field_validator("webhook_urls", "escalation_webhook_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
+    @field_validator("webhook_urls", "escalation_webhook_urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"webhook URLs must start with http:// or https://, got {url.split('://')[0]!r}")
+        return urls
+
+    @model_validator(mode="after")
+    def _signed_webhooks(self) -> Settings:
+        if (self.webhook_urls or self.escalation_webhook_urls) and self.webhook_secret is None:
+            raise ValueError("TRIALWATCH_WEBHOOK_SECRET is required when webhook URLs are set (bodies are signed)")
+        return self
+
     @property
     def ticks_topic(self) -> str:
         """Internal topic of deadline ticks, co-partitioned with the input topics."""
@@ -70,6 +110,11 @@ class Settings(BaseSettings):
     def arm_facts_topic(self) -> str:
         """Internal topic of per-subject toxicity facts, keyed by arm."""
         return f"{self.app_id}-arm-facts"
+
+    @property
+    def ledger_topic(self) -> str:
+        """Internal compacted topic of webhook delivery outcomes, keyed by delivery id."""
+        return f"{self.app_id}-notifier-ledger"
 
     @property
     def bootstrap_list(self) -> list[str]:

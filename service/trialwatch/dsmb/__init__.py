@@ -1,0 +1,1 @@
+"""DSMB delivery: the alert books, the API and page, acknowledgements and webhook notifications."""

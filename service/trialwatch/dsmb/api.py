@@ -1,0 +1,180 @@
+"""The DSMB alert API, independent of the web framework: bearer-token roles, queries, acknowledgements.
+
+Roles: `dsmb` (unblinded: the DSMB stream, acknowledgements, deliveries) and
+`masked` (blinded, read-only: the masked stream only). A dsmb token may read
+the masked view too; a masked token gets 403 everywhere else.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from trialwatch.contract import AlertMessage, MaskedAlertMessage
+from trialwatch.dsmb.book import AlertBook, AlertHistory
+from trialwatch.dsmb.service import AckRejected, DsmbFeed, Publish, acknowledge
+from trialwatch.metrics import Metrics
+
+
+class Role(StrEnum):
+    DSMB = "dsmb"
+    MASKED = "masked"
+
+
+DSMB_ONLY = frozenset({Role.DSMB})
+ANY_ROLE = frozenset({Role.DSMB, Role.MASKED})
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def text(self) -> str:
+        return json.dumps(self.body, ensure_ascii=False)
+
+
+class Denied(Exception):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.body.get("error"))
+        self.reply = reply
+
+
+class AckRequest(BaseModel):
+    """Body of `POST /alerts/{alert_id}/ack`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    acknowledged_by: str = Field(min_length=1, max_length=128)
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+def _error(status: int, message: str, **headers: str) -> Reply:
+    return Reply(status, {"error": message}, dict(headers))
+
+
+class DsmbApi:
+    """Answers API requests from the feed's books; knows nothing of HTTP servers."""
+
+    def __init__(
+        self,
+        feed: DsmbFeed,
+        publish: Publish,
+        metrics: Metrics,
+        tokens: Mapping[Role, SecretStr | None],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.feed = feed
+        self.publish = publish
+        self.metrics = metrics
+        # Encoded once; a role without a token cannot be reached at all.
+        self._tokens = {role: t.get_secret_value().encode() for role, t in tokens.items() if t is not None}
+        self.clock = clock
+
+    def authorize(self, authorization: str | None, allowed: frozenset[Role]) -> Role:
+        """The caller's role from `Authorization: Bearer <token>`; raises Denied with 401 or 403."""
+        challenge = {"WWW-Authenticate": 'Bearer realm="trialwatch"'}
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise Denied(_error(401, "a bearer token is required", **challenge))
+        given = presented.strip().encode()
+        role = None
+        # Compare against every token, in constant time each, so timing
+        # tells nothing about which (or whether a) token matched.
+        for candidate, token in self._tokens.items():
+            if hmac.compare_digest(given, token):
+                role = candidate
+        if role is None:
+            raise Denied(_error(401, "the token is not valid", **challenge))
+        if role not in allowed:
+            raise Denied(_error(403, f"the {role} role may not use this endpoint"))
+        return role
+
+    def list_alerts(self, authorization: str | None, query: Mapping[str, str]) -> Reply:
+        self.authorize(authorization, DSMB_ONLY)
+        return self._list(self.feed.dsmb, query, with_acks=True)
+
+    def list_masked(self, authorization: str | None, query: Mapping[str, str]) -> Reply:
+        self.authorize(authorization, ANY_ROLE)
+        return self._list(self.feed.masked, query, with_acks=False)
+
+    def get_alert(self, authorization: str | None, alert_id: str) -> Reply:
+        self.authorize(authorization, DSMB_ONLY)
+        history = self.feed.dsmb.get(alert_id)
+        if history is None:
+            return _error(404, "no such alert")
+        return Reply(
+            200,
+            {
+                "alert": self._summary(history, with_acks=True),
+                "revisions": [r.model_dump(mode="json") for r in history.revisions],
+                "acknowledgements": [a.model_dump(mode="json") for a in history.acks],
+                "deliveries": [d.model_dump(mode="json") for d in history.deliveries.values()],
+            },
+        )
+
+    def get_masked(self, authorization: str | None, alert_id: str) -> Reply:
+        self.authorize(authorization, ANY_ROLE)
+        history = self.feed.masked.get(alert_id)
+        # An arm-revealing alert is not on the masked stream: to a blinded
+        # reader it does not exist (404), which reveals nothing.
+        if history is None:
+            return _error(404, "no such alert")
+        return Reply(
+            200,
+            {
+                "alert": self._summary(history, with_acks=False),
+                "revisions": [r.model_dump(mode="json") for r in history.revisions],
+            },
+        )
+
+    async def ack(self, authorization: str | None, alert_id: str, body: bytes) -> Reply:
+        self.authorize(authorization, DSMB_ONLY)
+        try:
+            request = AckRequest.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+            return _error(400, f"invalid acknowledgement: {problems}")
+        try:
+            ack, new = await acknowledge(
+                self.feed, self.publish, alert_id, request.acknowledged_by, request.comment, self.clock()
+            )
+        except AckRejected as exc:
+            return _error(exc.status, exc.detail)
+        if new:
+            self.metrics.acks_recorded.inc()
+        return Reply(201 if new else 200, {"acknowledgement": ack.model_dump(mode="json"), "new": new})
+
+    def _list(
+        self,
+        book: AlertBook[AlertMessage] | AlertBook[MaskedAlertMessage],
+        query: Mapping[str, str],
+        *,
+        with_acks: bool,
+    ) -> Reply:
+        try:
+            found = book.query(query)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        alerts = [self._summary(h, with_acks=with_acks) for h in found]
+        return Reply(200, {"count": len(alerts), "alerts": alerts})
+
+    @staticmethod
+    def _summary(
+        history: AlertHistory[AlertMessage] | AlertHistory[MaskedAlertMessage], *, with_acks: bool
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = history.current.model_dump(mode="json")
+        out["first_raised_at"] = history.revisions[0].raised_at.isoformat()
+        out["revision_count"] = len(history.revisions)
+        if with_acks:
+            ack = history.acknowledgement
+            out["acknowledgement"] = ack.model_dump(mode="json") if ack is not None else None
+        return out
