@@ -1,0 +1,442 @@
+"""DSMB delivery without Kafka: the alert books, what the notifier owes, the API's roles, filters and acks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from trialwatch.contract import ALERT_ACKS, TREATMENT, AlertAck, AlertMessage, mask, reveals_arm
+from trialwatch.decode import Rejection, decode
+from trialwatch.dsmb.api import DsmbApi, Role
+from trialwatch.dsmb.book import AlertBook, Delivery, ack_id
+from trialwatch.dsmb.notify import Receiver, backoff_s, delivery_id, owed, sign, verify
+from trialwatch.dsmb.service import DsmbFeed
+from trialwatch.metrics import Metrics
+from trialwatch.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.unit.conftest import ApplyAll, EventFactory
+
+T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+DSMB_TOKEN = "dsmb-token-7f3a"
+MASKED_TOKEN = "masked-token-91c2"
+PRIMARY = (Receiver("primary", "http://dsmb.example/hook"), Receiver("primary", "http://pager.example/hook"))
+ESCALATION = (Receiver("escalation", "http://chair.example/hook"),)
+HOUR = timedelta(hours=1)
+
+
+def alert(revision: int = 1, status: str = "firing", severity: str = "high", **overrides: Any) -> AlertMessage:
+    fields: dict[str, Any] = {
+        "alert_id": "alert-1",
+        "revision": revision,
+        "status": status,
+        "rule": "lab.platelets.low",
+        "severity": severity,
+        "subject_id": "TW-001",
+        "site_id": "SITE-GZ",
+        "arm": "sbrt",
+        "occurred_at": T0,
+        "raised_at": T0 + timedelta(minutes=revision),
+        "ctcae_grade": 3,
+        "evidence": {"event_ids": ["lab-1"]},
+        "summary": "Platelets low",
+    }
+    fields.update(overrides)
+    return AlertMessage(**fields)
+
+
+def raw(message: AlertMessage) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def ack(alert_id: str, revision: int, by: str = "Dr Lin") -> AlertAck:
+    return AlertAck(
+        ack_id=ack_id(alert_id, revision),
+        alert_id=alert_id,
+        revision=revision,
+        acknowledged_by=by,
+        acknowledged_at=T0 + timedelta(hours=1),
+    )
+
+
+def delivered(message: AlertMessage, kind: str, receiver: Receiver, outcome: str = "delivered") -> Delivery:
+    return Delivery(
+        delivery_id=delivery_id(message.alert_id, message.revision, kind, receiver),
+        alert_id=message.alert_id,
+        revision=message.revision,
+        kind=kind,  # type: ignore[arg-type]
+        receiver=receiver.key,
+        outcome=outcome,  # type: ignore[arg-type]
+        attempts=1,
+        at=T0,
+    )
+
+
+class TestAlertBook:
+    def test_a_revision_read_twice_is_kept_once(self) -> None:
+        """At-least-once upstream: a re-sent (alert_id, revision) is not a new state."""
+        book = AlertBook(AlertMessage)
+        assert book.add_alert(raw(alert(1))) is not None
+        assert book.add_alert(raw(alert(1))) is None
+        assert [1] == [r.revision for r in book.alerts["alert-1"].revisions]
+
+    def test_unreadable_record_is_skipped_not_fatal(self) -> None:
+        book = AlertBook(AlertMessage)
+        assert book.add_alert(b"{not json") is None
+        assert {} == book.alerts
+
+    def test_ack_read_before_its_alert_is_applied_when_the_alert_arrives(self) -> None:
+        """The ack and alert topics are read side by side; an ack may come first."""
+        book = AlertBook(AlertMessage)
+        book.add_ack(ack("alert-1", 1))
+        book.add_alert(raw(alert(1)))
+        history = book.get("alert-1")
+        assert history is not None
+        assert history.acknowledgement is not None
+
+    def test_severity_rise_needs_a_new_acknowledgement(self) -> None:
+        """What was acknowledged at 'high' is not what fires at 'critical'."""
+        book = AlertBook(AlertMessage)
+        book.add_alert(raw(alert(1, severity="high")))
+        book.add_ack(ack("alert-1", 1))
+        book.add_alert(raw(alert(2, severity="critical")))
+        history = book.get("alert-1")
+        assert history is not None
+        assert history.acknowledgement is None
+        assert ["alert-1"] == [h.current.alert_id for h in book.unacknowledged("critical")]
+
+    def test_resolution_keeps_the_acknowledgement_of_the_last_firing_state(self) -> None:
+        book = AlertBook(AlertMessage)
+        book.add_alert(raw(alert(1)))
+        book.add_ack(ack("alert-1", 1))
+        book.add_alert(raw(alert(2, status="resolved")))
+        history = book.get("alert-1")
+        assert history is not None
+        assert history.acknowledgement is not None
+        assert [] == list(book.unacknowledged("high"))
+
+    def test_query_orders_by_severity_then_longest_open(self) -> None:
+        book = AlertBook(AlertMessage)
+        book.add_alert(raw(alert(1, alert_id="late-high", severity="high", raised_at=T0 + 2 * HOUR)))
+        book.add_alert(raw(alert(1, alert_id="early-high", severity="high", raised_at=T0)))
+        book.add_alert(raw(alert(1, alert_id="warning", severity="warning", raised_at=T0 - HOUR)))
+        book.add_alert(raw(alert(1, alert_id="critical", severity="critical", raised_at=T0 + 3 * HOUR)))
+        assert ["critical", "early-high", "late-high", "warning"] == [h.current.alert_id for h in book.query()]
+
+    def test_query_filters_combine_and_take_lists(self) -> None:
+        book = AlertBook(AlertMessage)
+        book.add_alert(raw(alert(1, alert_id="a", site_id="SITE-GZ", severity="high")))
+        book.add_alert(raw(alert(1, alert_id="b", site_id="SITE-BJ", severity="critical")))
+        book.add_alert(raw(alert(1, alert_id="c", site_id="SITE-BJ", severity="warning")))
+        book.add_alert(raw(alert(2, alert_id="c", site_id="SITE-BJ", severity="warning", status="resolved")))
+        found = book.query({"site_id": "SITE-BJ", "severity": "critical,warning", "status": "firing"})
+        assert ["b"] == [h.current.alert_id for h in found]
+
+    def test_unknown_filter_is_an_error_not_everything(self) -> None:
+        book = AlertBook(AlertMessage)
+        with pytest.raises(ValueError, match="arm"):
+            book.query({"arm": "sbrt"})
+
+
+class TestWhatIsOwed:
+    def book_with(self, *messages: AlertMessage) -> AlertBook[AlertMessage]:
+        book = AlertBook(AlertMessage)
+        for m in messages:
+            book.add_alert(raw(m))
+        return book
+
+    def test_every_primary_receiver_gets_the_first_revision(self) -> None:
+        book = self.book_with(alert(1))
+        jobs, _ = owed(book.alerts["alert-1"], PRIMARY, ESCALATION, HOUR, T0)
+        assert {(r.url, 1, "alert") for r in PRIMARY} == {(j.receiver.url, j.alert.revision, j.kind) for j in jobs}
+
+    def test_revisions_go_out_in_order_per_receiver(self) -> None:
+        """'resolved' must not reach a receiver that has not had 'firing'."""
+        book = self.book_with(alert(1), alert(2, status="resolved"))
+        first, second = PRIMARY
+        book.add_delivery(delivered(alert(1), "alert", first))
+        jobs, _ = owed(book.alerts["alert-1"], PRIMARY, ESCALATION, HOUR, T0)
+        assert {(first.url, 2), (second.url, 1)} == {(j.receiver.url, j.alert.revision) for j in jobs}
+
+    def test_a_given_up_delivery_does_not_block_the_next_revision(self) -> None:
+        book = self.book_with(alert(1), alert(2, status="resolved"))
+        for r in PRIMARY:
+            book.add_delivery(delivered(alert(1), "alert", r, outcome="gave_up"))
+        jobs, _ = owed(book.alerts["alert-1"], PRIMARY, ESCALATION, HOUR, T0)
+        assert {2} == {j.alert.revision for j in jobs}
+
+    def test_unacknowledged_critical_escalates_after_the_configured_time_to_both_lists(self) -> None:
+        critical = alert(1, severity="critical")
+        book = self.book_with(critical)
+        for r in PRIMARY:
+            book.add_delivery(delivered(critical, "alert", r))
+        history = book.alerts["alert-1"]
+        early, next_due = owed(history, PRIMARY, ESCALATION, HOUR, critical.raised_at + HOUR - timedelta(seconds=1))
+        assert ([], critical.raised_at + HOUR) == (early, next_due)
+        jobs, _ = owed(history, PRIMARY, ESCALATION, HOUR, critical.raised_at + HOUR)
+        assert {r.url for r in (*PRIMARY, *ESCALATION)} == {j.receiver.url for j in jobs}
+        assert {"escalation"} == {j.kind for j in jobs}
+
+    def test_escalation_clock_starts_when_the_alert_became_critical(self) -> None:
+        high, critical = alert(1, severity="high"), alert(2, severity="critical", raised_at=T0 + 5 * HOUR)
+        book = self.book_with(high, critical)
+        _, next_due = owed(book.alerts["alert-1"], PRIMARY, ESCALATION, HOUR, T0 + 2 * HOUR)
+        assert critical.raised_at + HOUR == next_due
+
+    @pytest.mark.parametrize("after", ["acknowledged", "resolved"])
+    def test_no_escalation_once_acknowledged_or_resolved(self, after: str) -> None:
+        book = self.book_with(alert(1, severity="critical"))
+        if after == "acknowledged":
+            book.add_ack(ack("alert-1", 1))
+        else:
+            book.add_alert(raw(alert(2, severity="critical", status="resolved")))
+        jobs, next_due = owed(book.alerts["alert-1"], PRIMARY, ESCALATION, HOUR, T0 + 10 * HOUR)
+        assert ([], None) == ([j for j in jobs if j.kind == "escalation"], next_due)
+
+    def test_high_severity_never_escalates(self) -> None:
+        book = self.book_with(alert(1, severity="high"))
+        jobs, next_due = owed(book.alerts["alert-1"], PRIMARY, ESCALATION, HOUR, T0 + 100 * HOUR)
+        assert (set(), None) == ({j.kind for j in jobs} - {"alert"}, next_due)
+
+    def test_delivery_ids_are_stable_and_distinct(self) -> None:
+        """A restarted notifier must recognise what another worker delivered."""
+        a, _b = PRIMARY
+        assert delivery_id("x", 1, "alert", a) == delivery_id("x", 1, "alert", Receiver("primary", a.url))
+        ids = {delivery_id("x", rev, kind, r) for rev in (1, 2) for kind in ("alert", "escalation") for r in PRIMARY}
+        assert 8 == len(ids)
+
+    def test_signature_is_hmac_sha256_of_the_exact_body(self) -> None:
+        import hashlib
+        import hmac
+
+        body = raw(alert(1))
+        expected = "sha256=" + hmac.new(b"k3y", body, hashlib.sha256).hexdigest()
+        assert expected == sign(b"k3y", body)
+        assert verify(b"k3y", body, sign(b"k3y", body))
+        assert not verify(b"k3y", body + b" ", sign(b"k3y", body))
+        assert not verify(b"other", body, sign(b"k3y", body))
+
+    def test_backoff_doubles_up_to_the_cap(self) -> None:
+        assert [1.0, 2.0, 4.0, 8.0, 10.0, 10.0] == [backoff_s(n, 1.0, 10.0) for n in range(1, 7)]
+
+
+class FakePublisher:
+    """Records what would have gone to Kafka; can be told to fail."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.fail = False
+
+    async def __call__(self, topic: str, key: bytes, value: bytes) -> None:
+        if self.fail:
+            raise ConnectionError("broker unavailable")
+        self.sent.append((topic, key, value))
+
+
+@pytest.fixture
+def api_parts(apply_all: ApplyAll, make: EventFactory) -> tuple[DsmbApi, DsmbFeed, FakePublisher, list[AlertMessage]]:
+    """An API over books fed with the engine's real output for a subject with arm-revealing alerts too."""
+    fraction = {
+        "event_id": "TW-101-tr1",
+        "subject_id": "TW-101",
+        "site_id": "SITE-GZ",
+        "occurred_at": "2025-03-03T09:00:00+08:00",
+        "kind": "sbrt_fraction",
+        "fraction": 1,
+        "dose_gy": 8.0,
+    }
+    crossover = decode(TREATMENT, json.dumps(fraction).encode())
+    assert not isinstance(crossover, Rejection)
+    alerts = apply_all(
+        [
+            make.enrollment(subject_id="TW-101", event_id="TW-101-enr", arm="control", child_pugh_score=9),
+            make.lab(subject_id="TW-101", event_id="TW-101-l1", analyte="platelets", value=40.0, day=1),
+            make.lab(subject_id="TW-101", event_id="TW-101-l2", analyte="platelets", value=20.0, day=2),
+            crossover,
+            make.ae(subject_id="TW-101", event_id="TW-101-ae1", grade=4, serious=True, term="Diarrhea", day=3),
+        ]
+    )
+    assert any(reveals_arm(a.rule) for a in alerts), "the scenario must include an arm-revealing alert"
+    feed = DsmbFeed(["unused:9092"], "ledger")
+    for a in alerts:
+        feed.dsmb.add_alert(raw(a))
+        masked = mask(a)
+        if masked is not None:
+            feed.masked.add_alert(masked.model_dump_json().encode())
+    publisher = FakePublisher()
+    tokens = {Role.DSMB: SecretStr(DSMB_TOKEN), Role.MASKED: SecretStr(MASKED_TOKEN)}
+    api = DsmbApi(feed, publisher, Metrics(_registry()), tokens, clock=lambda: T0 + 2 * HOUR)
+    return api, feed, publisher, alerts
+
+
+def _registry() -> Any:
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry()
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+class TestApiAccess:
+    @pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer   ", f"Basic {DSMB_TOKEN}", DSMB_TOKEN])
+    def test_missing_or_malformed_token_is_401_with_a_challenge(self, api_parts: Any, header: str | None) -> None:
+        api = api_parts[0]
+        reply = _reply(lambda: api.list_alerts(header, {}))
+        assert (401, "Bearer") == (reply.status, reply.headers.get("WWW-Authenticate", "").split(" ")[0])
+
+    def test_unknown_token_is_401(self, api_parts: Any) -> None:
+        assert 401 == _reply(lambda: api_parts[0].list_alerts(bearer(DSMB_TOKEN + "x"), {})).status
+
+    @pytest.mark.parametrize("endpoint", ["list", "detail", "ack"])
+    def test_masked_role_on_dsmb_endpoints_is_403(self, api_parts: Any, endpoint: str) -> None:
+        api, _, publisher, alerts = api_parts
+        auth = bearer(MASKED_TOKEN)
+        calls = {
+            "list": lambda: api.list_alerts(auth, {}),
+            "detail": lambda: api.get_alert(auth, alerts[0].alert_id),
+            "ack": lambda: asyncio.run(api.ack(auth, alerts[0].alert_id, b'{"acknowledged_by": "x"}')),
+        }
+        assert 403 == _reply(calls[endpoint]).status
+        assert [] == publisher.sent
+
+    def test_no_configured_tokens_lock_everything(self, api_parts: Any) -> None:
+        _, feed, publisher, _ = api_parts
+        locked = DsmbApi(feed, publisher, Metrics(_registry()), {Role.DSMB: None, Role.MASKED: None})
+        assert 401 == _reply(lambda: locked.list_alerts("Bearer ", {})).status
+        assert 401 == _reply(lambda: locked.list_masked("Bearer None", {})).status
+
+    def test_dsmb_may_read_the_masked_view(self, api_parts: Any) -> None:
+        assert 200 == _reply(lambda: api_parts[0].list_masked(bearer(DSMB_TOKEN), {})).status
+
+
+def _reply(call: Any) -> Any:
+    from trialwatch.dsmb.api import Denied
+
+    try:
+        return call()
+    except Denied as denied:
+        return denied.reply
+
+
+class TestApiContent:
+    def test_list_holds_each_alert_once_in_its_current_state(self, api_parts: Any) -> None:
+        api, _, _, alerts = api_parts
+        body = api.list_alerts(bearer(DSMB_TOKEN), {}).body
+        latest: dict[str, AlertMessage] = {}
+        for a in alerts:
+            latest[a.alert_id] = a
+        assert {(a.alert_id, a.revision, a.status) for a in latest.values()} == {
+            (a["alert_id"], a["revision"], a["status"]) for a in body["alerts"]
+        }
+        assert body["count"] == len(latest)
+
+    def test_filters(self, api_parts: Any) -> None:
+        api, _, _, alerts = api_parts
+        body = api.list_alerts(bearer(DSMB_TOKEN), {"rule": "lab.platelets.low", "subject_id": "TW-101"}).body
+        expected = {a.alert_id for a in alerts if a.rule == "lab.platelets.low"}
+        assert expected == {a["alert_id"] for a in body["alerts"]}
+        assert expected
+        assert 0 == api.list_alerts(bearer(DSMB_TOKEN), {"site_id": "SITE-NOWHERE"}).body["count"]
+        assert 400 == api.list_alerts(bearer(DSMB_TOKEN), {"arm": "sbrt"}).status
+
+    def test_detail_has_every_revision(self, api_parts: Any) -> None:
+        api, _, _, alerts = api_parts
+        platelets = [a for a in alerts if a.rule == "lab.platelets.low"]
+        assert len(platelets) >= 2, "the scenario must produce a platelet alert with two states"
+        body = api.get_alert(bearer(DSMB_TOKEN), platelets[0].alert_id).body
+        assert [a.revision for a in platelets] == [r["revision"] for r in body["revisions"]]
+
+    def test_unknown_alert_is_404(self, api_parts: Any) -> None:
+        api = api_parts[0]
+        assert 404 == api.get_alert(bearer(DSMB_TOKEN), "no-such-alert").status
+        assert 404 == api.get_masked(bearer(MASKED_TOKEN), "no-such-alert").status
+
+    def test_masked_view_never_shows_the_arm_or_an_arm_revealing_rule(self, api_parts: Any) -> None:
+        api, _, _, alerts = api_parts
+        listed = api.list_masked(bearer(MASKED_TOKEN), {}).body
+        text = json.dumps(listed)
+        assert '"arm"' not in text
+        assert not [a for a in listed["alerts"] if reveals_arm(a["rule"])]
+        assert listed["count"] == len({a.alert_id for a in alerts if not reveals_arm(a.rule)})
+        for a in alerts:
+            detail = api.get_masked(bearer(MASKED_TOKEN), a.alert_id)
+            if reveals_arm(a.rule):
+                assert 404 == detail.status, a.rule
+            else:
+                assert '"arm"' not in json.dumps(detail.body)
+        by_rule = api.list_masked(bearer(MASKED_TOKEN), {"rule": "eligibility.violation,sbrt.window.missed"}).body
+        assert not [a for a in by_rule["alerts"] if reveals_arm(a["rule"])]
+
+
+class TestAcknowledge:
+    def test_ack_is_written_to_the_ack_topic_and_shown(self, api_parts: Any) -> None:
+        api, _feed, publisher, alerts = api_parts
+        target = alerts[0]
+        reply = asyncio.run(
+            api.ack(bearer(DSMB_TOKEN), target.alert_id, b'{"acknowledged_by": "Dr Lin", "comment": "seen"}')
+        )
+        assert 201 == reply.status
+        [(topic, key, value)] = publisher.sent
+        written = AlertAck.model_validate_json(value)
+        assert (ALERT_ACKS, target.alert_id.encode()) == (topic, key)
+        assert ("Dr Lin", "seen", target.alert_id) == (written.acknowledged_by, written.comment, written.alert_id)
+        shown = api.get_alert(bearer(DSMB_TOKEN), target.alert_id).body["alert"]["acknowledgement"]
+        assert written.ack_id == shown["ack_id"]
+
+    def test_acknowledging_twice_writes_once_and_returns_the_first(self, api_parts: Any) -> None:
+        api, _, publisher, alerts = api_parts
+        first = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, b'{"acknowledged_by": "Dr Lin"}'))
+        again = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, b'{"acknowledged_by": "Dr Wu"}'))
+        assert (201, 200) == (first.status, again.status)
+        assert "Dr Lin" == again.body["acknowledgement"]["acknowledged_by"]
+        assert 1 == len(publisher.sent)
+
+    def test_unknown_alert_is_404_and_nothing_is_written(self, api_parts: Any) -> None:
+        api, _, publisher, _ = api_parts
+        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), "no-such-alert", b'{"acknowledged_by": "Dr Lin"}'))
+        assert (404, []) == (reply.status, publisher.sent)
+
+    @pytest.mark.parametrize(
+        "body", [b"", b"{}", b'{"acknowledged_by": ""}', b"not json", b'{"acknowledged_by": "x", "extra": 1}']
+    )
+    def test_bad_body_is_400(self, api_parts: Any, body: bytes) -> None:
+        api, _, publisher, alerts = api_parts
+        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, body))
+        assert (400, []) == (reply.status, publisher.sent)
+
+    def test_kafka_failure_is_not_an_acknowledgement(self, api_parts: Any) -> None:
+        """The ack exists once it is in the audit trail; a failed write leaves the alert unacknowledged."""
+        api, feed, publisher, alerts = api_parts
+        publisher.fail = True
+        with pytest.raises(ConnectionError):
+            asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, b'{"acknowledged_by": "Dr Lin"}'))
+        history = feed.dsmb.get(alerts[0].alert_id)
+        assert history is not None
+        assert history.acknowledgement is None
+
+
+class TestSettings:
+    def test_webhook_urls_need_a_secret(self) -> None:
+        with pytest.raises(ValidationError, match="WEBHOOK_SECRET"):
+            Settings(webhook_urls=["http://dsmb.example/hook"])
+
+    def test_urls_from_the_environment_are_comma_separated(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("TRIALWATCH_WEBHOOK_URLS", "http://a.example/x, https://b.example/y")
+        monkeypatch.setenv("TRIALWATCH_WEBHOOK_SECRET", "k")
+        assert ["http://a.example/x", "https://b.example/y"] == Settings().webhook_urls
+
+    def test_non_http_url_is_refused(self) -> None:
+        with pytest.raises(ValidationError, match="http"):
+            Settings(webhook_urls=["ftp://x"], webhook_secret=SecretStr("k"))
+
+    def test_tokens_do_not_print(self) -> None:
+        settings = Settings(dsmb_token=SecretStr(DSMB_TOKEN), masked_token=SecretStr(MASKED_TOKEN))
+        assert DSMB_TOKEN not in repr(settings)
+        assert MASKED_TOKEN not in str(settings)
