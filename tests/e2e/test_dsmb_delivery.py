@@ -1,0 +1,291 @@
+"""DSMB delivery on the real broker: signed webhooks, escalation, acknowledgement, the API, a receiver that is down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+
+from tests.e2e.conftest import enrollment, free_port, lab, publish, read_topic, wait_consumed
+from trialwatch.dsmb.notify import DELIVERY_HEADER, KIND_HEADER, SIGNATURE_HEADER, verify
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "e2e-webhook-secret"
+
+
+@dataclass
+class Received:
+    path: str
+    kind: str
+    delivery_id: str
+    signed: bool
+    alert: dict[str, Any]
+
+
+class WebhookReceiver:
+    """A local HTTP receiver that records every webhook and checks its signature; can be down (not listening)."""
+
+    def __init__(self, secret: str, prefix: str) -> None:
+        self.secret = secret.encode()
+        self.prefix = prefix
+        self.port = free_port()
+        self.got: list[Received] = []
+        self._runner: web.AppRunner | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{path}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        alert = json.loads(body)
+        # The alerts topic is shared with other tests; keep only ours.
+        if str(alert.get("subject_id", "")).startswith(self.prefix):
+            self.got.append(
+                Received(
+                    path=request.path,
+                    kind=request.headers[KIND_HEADER],
+                    delivery_id=request.headers[DELIVERY_HEADER],
+                    signed=verify(self.secret, body, request.headers.get(SIGNATURE_HEADER, "")),
+                    alert=alert,
+                )
+            )
+        return web.Response(status=204)
+
+    async def wait_for(self, done: Callable[[list[Received]], bool], timeout_s: float = 40.0) -> list[Received]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if done(self.got):
+                return self.got
+            await asyncio.sleep(0.2)
+        summary = [(r.path, r.kind, r.alert["subject_id"], r.alert["revision"], r.alert["status"]) for r in self.got]
+        raise TimeoutError(f"receiver did not get what was expected within {timeout_s}s; got {summary}")
+
+
+def call(url: str, token: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+async def api_until(url: str, token: str, done: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status, body = call(url, token)
+        if status == 200 and done(body):
+            return body
+        await asyncio.sleep(0.3)
+    raise TimeoutError(f"{url} never satisfied the test; last answer {body}")
+
+
+def key(r: Received) -> tuple[str, str, str, int, str]:
+    return (r.path, r.kind, r.alert["subject_id"], r.alert["revision"], r.alert["status"])
+
+
+class TestWebhooksEscalationAndAcks:
+    """Firing and resolution reach the receiver signed; an unacknowledged critical alert escalates, an acked one not."""
+
+    async def test_signed_webhooks_escalation_and_acknowledgement(
+        self, bootstrap: str, worker_factory: Any, producer: AIOKafkaProducer, subject_prefix: str
+    ) -> None:
+        receiver = WebhookReceiver(SECRET, subject_prefix)
+        await receiver.start()
+        dsmb, masked = secrets.token_hex(8), secrets.token_hex(8)
+        worker = worker_factory(
+            TRIALWATCH_WEBHOOK_URLS=receiver.url("/primary"),
+            TRIALWATCH_ESCALATION_WEBHOOK_URLS=receiver.url("/escalation"),
+            TRIALWATCH_WEBHOOK_SECRET=SECRET,
+            TRIALWATCH_ESCALATE_AFTER_S="12",
+            TRIALWATCH_DSMB_TOKEN=dsmb,
+            TRIALWATCH_MASKED_TOKEN=masked,
+        )
+        worker.start()
+        try:
+            critical, resolved, acked = (f"{subject_prefix}-{n}" for n in ("crit", "res", "ack"))
+            await publish(producer, [enrollment(s, "sbrt") for s in (critical, resolved, acked)])
+            await wait_consumed(bootstrap, worker.app_id, "trial.enrollment.v1")
+            await publish(
+                producer,
+                [
+                    lab(critical, f"{critical}-l1", 20, at="2025-03-02T08:00:00+08:00"),
+                    lab(resolved, f"{resolved}-l1", 40, at="2025-03-02T08:00:00+08:00"),
+                    lab(resolved, f"{resolved}-l2", 150, at="2025-03-03T08:00:00+08:00"),
+                    lab(acked, f"{acked}-l1", 20, at="2025-03-02T08:00:00+08:00"),
+                ],
+            )
+
+            # Acknowledge one critical alert through the API as soon as it is listed.
+            listed = await api_until(
+                f"{worker.url}/alerts?subject_id={acked}", dsmb, lambda b: b["count"] == 1, timeout_s=30
+            )
+            acked_id = listed["alerts"][0]["alert_id"]
+            status, body = call(f"{worker.url}/alerts/{acked_id}/ack", dsmb, {"acknowledged_by": "Dr E2E"})
+            assert (201, acked_id) == (status, body["acknowledgement"]["alert_id"])
+            again, _ = call(f"{worker.url}/alerts/{acked_id}/ack", dsmb, {"acknowledged_by": "Dr Other"})
+            assert 200 == again
+
+            got = await receiver.wait_for(
+                lambda g: (
+                    {(critical, "escalation"), (acked, "alert")} <= {(r.alert["subject_id"], r.kind) for r in g}
+                    and sum(1 for r in g if r.alert["subject_id"] == resolved) >= 2
+                ),
+                timeout_s=60,
+            )
+            # Let a wrongly escalated acked alert, or a duplicate, show itself.
+            await asyncio.sleep(4)
+            got = receiver.got
+            assert all(r.signed for r in got), "every body must carry a valid HMAC-SHA256 signature"
+            assert [("/primary", "alert", resolved, 1, "firing"), ("/primary", "alert", resolved, 2, "resolved")] == [
+                key(r) for r in got if r.alert["subject_id"] == resolved
+            ]
+            assert sorted(
+                [
+                    ("/primary", "alert", critical, 1, "firing"),
+                    ("/primary", "escalation", critical, 1, "firing"),
+                    ("/escalation", "escalation", critical, 1, "firing"),
+                ]
+            ) == sorted(key(r) for r in got if r.alert["subject_id"] == critical)
+            assert [("/primary", "alert", acked, 1, "firing")] == [
+                key(r) for r in got if r.alert["subject_id"] == acked
+            ], "an acknowledged critical alert must not escalate"
+            assert all(r.alert["arm"] == "sbrt" for r in got), "the DSMB receivers get the unblinded message"
+
+            # The acknowledgement is in Kafka, the audit trail.
+            acks = await read_topic(
+                bootstrap, "trial.alert-acks.v1", lambda v: v["alert_id"] == acked_id, lambda f: len(f) >= 1
+            )
+            assert [("Dr E2E", 1)] == [(a["acknowledged_by"], a["revision"]) for a in acks]
+
+            detail = call(f"{worker.url}/alerts/{acked_id}", dsmb)[1]
+            assert "Dr E2E" == detail["alert"]["acknowledgement"]["acknowledged_by"]
+            assert {"delivered"} == {d["outcome"] for d in detail["deliveries"]}
+
+            # Escalation waited for the configured time after the critical state was raised.
+            crit_detail = (await api_until(f"{worker.url}/alerts?subject_id={critical}", dsmb, lambda b: True))[
+                "alerts"
+            ][0]
+            crit_full = call(f"{worker.url}/alerts/{crit_detail['alert_id']}", dsmb)[1]
+            escalations = [d for d in crit_full["deliveries"] if d["kind"] == "escalation"]
+            assert 2 == len(escalations)
+            raised = crit_full["alert"]["raised_at"]
+            for d in escalations:
+                waited = _seconds_between(raised, d["at"])
+                assert waited >= 12, f"escalated after {waited:.1f}s, before the configured 12 s"
+
+            await self._api_access(worker.url, dsmb, masked, critical, subject_prefix)
+        finally:
+            await receiver.stop()
+
+    async def _api_access(self, url: str, dsmb: str, masked: str, critical: str, prefix: str) -> None:
+        assert 401 == call(f"{url}/alerts")[0]
+        assert 401 == call(f"{url}/alerts", "not-a-token")[0]
+        assert 403 == call(f"{url}/alerts", masked)[0]
+        assert 404 == call(f"{url}/alerts/no-such-alert", dsmb)[0]
+        assert 404 == call(f"{url}/alerts/no-such-alert/ack", dsmb, {"acknowledged_by": "x"})[0]
+        mine = call(f"{url}/alerts?subject_id={critical}&severity=critical", dsmb)[1]
+        assert [(critical, "lab.platelets.low")] == [(a["subject_id"], a["rule"]) for a in mine["alerts"]]
+        status, view = call(f"{url}/masked/alerts", masked)
+        assert 200 == status
+        ours = [a for a in view["alerts"] if a["subject_id"].startswith(prefix)]
+        assert len(ours) >= 3
+        assert '"arm"' not in json.dumps(view)
+
+
+def _seconds_between(earlier: str, later: str) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+class TestReceiverDown:
+    """A receiver that is down gets the alert once it is back, across a worker restart, exactly once."""
+
+    async def test_delivered_after_outage_and_restart_once(
+        self, bootstrap: str, worker_factory: Any, producer: AIOKafkaProducer, subject_prefix: str
+    ) -> None:
+        receiver = WebhookReceiver(SECRET, subject_prefix)  # not started: the receiver is down
+        env = {
+            "TRIALWATCH_WEBHOOK_URLS": receiver.url("/primary"),
+            "TRIALWATCH_WEBHOOK_SECRET": SECRET,
+            "TRIALWATCH_WEBHOOK_RETRY_INITIAL_S": "0.5",
+            "TRIALWATCH_WEBHOOK_RETRY_MAX_S": "2",
+        }
+        first = worker_factory(**env)
+        first.start()
+        subject = f"{subject_prefix}-down"
+        await publish(producer, [enrollment(subject, "sbrt")])
+        await wait_consumed(bootstrap, first.app_id, "trial.enrollment.v1")
+        await publish(producer, [lab(subject, f"{subject}-l1", 20, at="2025-03-02T08:00:00+08:00")])
+
+        # Delivery never holds up alert processing: the alert is on the stream
+        # while the receiver refuses connections.
+        started = time.monotonic()
+        alerts = await read_topic(
+            bootstrap, "trial.alerts.v1", lambda v: v.get("subject_id") == subject, lambda f: len(f) >= 1
+        )
+        assert time.monotonic() - started < 15
+        alert_id = alerts[0]["alert_id"]
+
+        deadline = time.monotonic() + 30
+        while "webhook delivery failed; will retry" not in first.log_text():
+            assert time.monotonic() < deadline, "the notifier never tried the receiver"
+            await asyncio.sleep(0.3)
+        failed = _metric(first.get("/metrics"), 'trialwatch_webhook_deliveries_total{kind="alert",outcome="failed"')
+        assert failed >= 1
+        assert 0 == first.stop()
+
+        await receiver.start()
+        try:
+            second = worker_factory(app_id=first.app_id, **env)
+            second.start()
+            got = await receiver.wait_for(lambda g: any(r.alert["alert_id"] == alert_id for r in g), timeout_s=60)
+            assert all(r.signed for r in got)
+            assert 0 == second.stop()
+
+            # A third start must find the delivery in the ledger and not send it again.
+            third = worker_factory(app_id=first.app_id, **env)
+            third.start()
+            await asyncio.sleep(8)
+            assert [(alert_id, 1, "alert")] == [
+                (r.alert["alert_id"], r.alert["revision"], r.kind) for r in receiver.got if r.kind == "alert"
+            ]
+            third.stop()
+        finally:
+            await receiver.stop()
+
+
+def _metric(text: str, prefix: str) -> float:
+    """Sum of the samples whose line starts with `prefix` (labels in Prometheus' sorted order)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
