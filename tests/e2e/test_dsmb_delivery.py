@@ -6,104 +6,26 @@ import asyncio
 import json
 import secrets
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from tests.e2e.conftest import enrollment, free_port, lab, publish, read_topic, wait_consumed
-from trialwatch.dsmb.notify import DELIVERY_HEADER, KIND_HEADER, SIGNATURE_HEADER, verify
+from tests.e2e.conftest import (
+    Received,
+    WebhookReceiver,
+    api_until,
+    call,
+    enrollment,
+    lab,
+    publish,
+    read_topic,
+    wait_consumed,
+)
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-webhook-secret"
-
-
-@dataclass
-class Received:
-    path: str
-    kind: str
-    delivery_id: str
-    signed: bool
-    alert: dict[str, Any]
-
-
-class WebhookReceiver:
-    """A local HTTP receiver that records every webhook and checks its signature; can be down (not listening)."""
-
-    def __init__(self, secret: str, prefix: str) -> None:
-        self.secret = secret.encode()
-        self.prefix = prefix
-        self.port = free_port()
-        self.got: list[Received] = []
-        self._runner: web.AppRunner | None = None
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/{path}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        alert = json.loads(body)
-        # The alerts topic is shared with other tests; keep only ours.
-        if str(alert.get("subject_id", "")).startswith(self.prefix):
-            self.got.append(
-                Received(
-                    path=request.path,
-                    kind=request.headers[KIND_HEADER],
-                    delivery_id=request.headers[DELIVERY_HEADER],
-                    signed=verify(self.secret, body, request.headers.get(SIGNATURE_HEADER, "")),
-                    alert=alert,
-                )
-            )
-        return web.Response(status=204)
-
-    async def wait_for(self, done: Callable[[list[Received]], bool], timeout_s: float = 40.0) -> list[Received]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if done(self.got):
-                return self.got
-            await asyncio.sleep(0.2)
-        summary = [(r.path, r.kind, r.alert["subject_id"], r.alert["revision"], r.alert["status"]) for r in self.got]
-        raise TimeoutError(f"receiver did not get what was expected within {timeout_s}s; got {summary}")
-
-
-def call(url: str, token: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-async def api_until(url: str, token: str, done: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        status, body = call(url, token)
-        if status == 200 and done(body):
-            return body
-        await asyncio.sleep(0.3)
-    raise TimeoutError(f"{url} never satisfied the test; last answer {body}")
 
 
 def key(r: Received) -> tuple[str, str, str, int, str]:

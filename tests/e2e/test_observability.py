@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import adverse_event, enrollment, lab, publish, read_topic
+from tests.e2e.conftest import WebhookReceiver, adverse_event, api_until, call, enrollment, lab, publish, read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +37,17 @@ def total(scrape: dict[str, list[tuple[dict[str, str], float]]], name: str) -> f
 @pytest.fixture
 async def traffic(
     bootstrap: str, worker_factory: Any, producer: AIOKafkaProducer, subject_prefix: str
-) -> tuple[Any, list[str], str]:
-    """A worker that has processed valid and invalid events, alerts and a pending deadline."""
-    worker = worker_factory()
+) -> AsyncIterator[tuple[Any, list[str], str]]:
+    """A worker that has processed valid and invalid events, alerts and a pending deadline, sent webhooks and
+    recorded an acknowledgement."""
+    receiver = WebhookReceiver("obs-secret", subject_prefix)
+    await receiver.start()
+    token = secrets.token_hex(8)
+    worker = worker_factory(
+        TRIALWATCH_WEBHOOK_URLS=receiver.url("/hook"),
+        TRIALWATCH_WEBHOOK_SECRET="obs-secret",
+        TRIALWATCH_DSMB_TOKEN=token,
+    )
     worker.start()
     s1, s2 = f"{subject_prefix}-o1", f"{subject_prefix}-o2"
     soon = datetime.now(UTC).astimezone() + timedelta(days=1)
@@ -64,8 +74,15 @@ async def traffic(
     await read_topic(
         bootstrap, "trial.alerts.v1", lambda v: v["subject_id"] in (s1, s2), lambda f: len(f) >= 3, timeout_s=20
     )
+    await receiver.wait_for(lambda got: len(got) >= 3)
+    listed = await api_until(f"{worker.url}/alerts?subject_id={s2}", token, lambda b: b["count"] >= 1)
+    assert (
+        call(f"{worker.url}/alerts/{listed['alerts'][0]['alert_id']}/ack", token, {"acknowledged_by": "Dr Obs"})[0]
+        == 201
+    )
     await asyncio.sleep(6)  # one pass of the 5 s gauge timer
-    return worker, [s1, s2], subject_prefix
+    yield worker, [s1, s2], subject_prefix
+    await receiver.stop()
 
 
 class TestMetrics:
@@ -85,8 +102,19 @@ class TestMetrics:
             "trialwatch_pending_deadlines",
             "trialwatch_site_last_event_timestamp_seconds",
             "trialwatch_worker_ready",
+            "trialwatch_webhook_deliveries_total",
+            "trialwatch_webhook_delivery_duration_seconds_count",
+            "trialwatch_unacknowledged_alerts",
+            "trialwatch_oldest_unacknowledged_alert_age_seconds",
+            "trialwatch_alert_acks_recorded_total",
+            "trialwatch_api_requests_total",
         ]
-        present = ["trialwatch_consumer_lag_messages", "trialwatch_consumer_lag_seconds", "trialwatch_build_info"]
+        present = [
+            "trialwatch_consumer_lag_messages",
+            "trialwatch_consumer_lag_seconds",
+            "trialwatch_build_info",
+            "trialwatch_webhook_pending_deliveries",
+        ]
         assert [] == [name for name in nonzero if total(scrape, name) <= 0]
         assert [] == [name for name in present if name not in scrape]
         lag_topics = {labels["topic"] for labels, _ in scrape["trialwatch_consumer_lag_messages"]}
