@@ -36,6 +36,9 @@ fi
 export KAFKA_BOOTSTRAP_SERVERS=${KAFKA_BOOTSTRAP_SERVERS:-$("$KAFKA" bootstrap)}
 
 "$BIN/trialwatch" topics
+# Tokens of the DSMB page and API: yours if set, else fresh ones for this run.
+export TRIALWATCH_DSMB_TOKEN=${TRIALWATCH_DSMB_TOKEN:-$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(18))')}
+export TRIALWATCH_MASKED_TOKEN=${TRIALWATCH_MASKED_TOKEN:-$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(18))')}
 TRIALWATCH_WEB_PORT=$PORT "$BIN/trialwatch" worker >trialwatch-data/worker.log 2>&1 &
 worker_pid=$!
 echo "worker started (pid $worker_pid), log: trialwatch-data/worker.log"
@@ -48,6 +51,8 @@ for _ in $(seq 1 120); do
 done
 echo "health:  http://127.0.0.1:$PORT/health"
 echo "metrics: http://127.0.0.1:$PORT/metrics"
+echo "DSMB page: http://127.0.0.1:$PORT/  (sign in with the DSMB token $TRIALWATCH_DSMB_TOKEN;"
+echo "           the masked token $TRIALWATCH_MASKED_TOKEN shows the blinded view)"
 
 # The synthetic cohort of seeds/demo-cohort.template.jsonl, dated relative to
 # today so that the clock-driven rules (SBRT window) show as well.

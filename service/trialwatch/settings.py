@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     webhook_retry_max_s: Annotated[float, Field(gt=0)] = 300.0
     webhook_give_up_after_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
 
+    @field_validator("dsmb_token", "masked_token", "webhook_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `FOO=` in a compose file or ConfigMap means "not configured", never
+        # "the empty string is the token".
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
     @field_validator("webhook_urls", "escalation_webhook_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:

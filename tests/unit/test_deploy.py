@@ -40,6 +40,11 @@ class TestCompose:
             assert "kafka:29092" == worker["environment"]["KAFKA_BOOTSTRAP_SERVERS"]
             assert "/ready" in " ".join(worker["healthcheck"]["test"])
 
+    def test_worker_environment_names_real_settings(self) -> None:
+        known = {"KAFKA_BOOTSTRAP_SERVERS"} | {f"TRIALWATCH_{name.upper()}" for name in Settings.model_fields}
+        for name in ("worker-1", "worker-2"):
+            assert [] == sorted(set(self.compose["services"][name]["environment"]) - known)
+
     def test_prometheus_scrapes_both_workers(self) -> None:
         config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
         [job] = [j for j in config["scrape_configs"] if j["job_name"] == "trialwatch"]

@@ -436,6 +436,14 @@ class TestSettings:
         with pytest.raises(ValidationError, match="http"):
             Settings(webhook_urls=["ftp://x"], webhook_secret=SecretStr("k"))
 
+    @pytest.mark.parametrize("blank", ["", "   "])
+    def test_a_blank_token_is_no_token(self, monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+        """`TRIALWATCH_DSMB_TOKEN=` (compose, ConfigMap) must not make the empty string a password."""
+        monkeypatch.setenv("TRIALWATCH_DSMB_TOKEN", blank)
+        monkeypatch.setenv("TRIALWATCH_WEBHOOK_SECRET", blank)
+        settings = Settings()
+        assert (None, None) == (settings.dsmb_token, settings.webhook_secret)
+
     def test_tokens_do_not_print(self) -> None:
         settings = Settings(dsmb_token=SecretStr(DSMB_TOKEN), masked_token=SecretStr(MASKED_TOKEN))
         assert DSMB_TOKEN not in repr(settings)
