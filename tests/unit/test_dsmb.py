@@ -268,6 +268,7 @@ def api_parts(apply_all: ApplyAll, make: EventFactory) -> tuple[DsmbApi, DsmbFee
         masked = mask(a)
         if masked is not None:
             feed.masked.add_alert(masked.model_dump_json().encode())
+    feed.caught_up.set()
     publisher = FakePublisher()
     tokens = {Role.DSMB: SecretStr(DSMB_TOKEN), Role.MASKED: SecretStr(MASKED_TOKEN)}
     api = DsmbApi(feed, publisher, Metrics(_registry()), tokens, clock=lambda: T0 + 2 * HOUR)
@@ -311,6 +312,13 @@ class TestApiAccess:
         locked = DsmbApi(feed, publisher, Metrics(_registry()), {Role.DSMB: None, Role.MASKED: None})
         assert 401 == _reply(lambda: locked.list_alerts("Bearer ", {})).status
         assert 401 == _reply(lambda: locked.list_masked("Bearer None", {})).status
+
+    def test_until_the_books_are_read_the_answer_is_503_not_an_empty_list(self, api_parts: Any) -> None:
+        api, feed, _, _ = api_parts
+        feed.caught_up.clear()
+        reply = _reply(lambda: api.list_alerts(bearer(DSMB_TOKEN), {}))
+        assert (503, "5") == (reply.status, reply.headers.get("Retry-After"))
+        assert 401 == _reply(lambda: api.list_alerts(None, {})).status
 
     def test_dsmb_may_read_the_masked_view(self, api_parts: Any) -> None:
         assert 200 == _reply(lambda: api_parts[0].list_masked(bearer(DSMB_TOKEN), {})).status

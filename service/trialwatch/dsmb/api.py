@@ -96,6 +96,9 @@ class DsmbApi:
             raise Denied(_error(401, "the token is not valid", **challenge))
         if role not in allowed:
             raise Denied(_error(403, f"the {role} role may not use this endpoint"))
+        if not self.feed.caught_up.is_set():
+            # A half-read book would answer "no open alerts" while there are some.
+            raise Denied(_error(503, "still reading the alert topics; retry in a few seconds", **{"Retry-After": "5"}))
         return role
 
     def list_alerts(self, authorization: str | None, query: Mapping[str, str]) -> Reply:
