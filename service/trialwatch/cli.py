@@ -149,20 +149,29 @@ def cmd_hl7(args: argparse.Namespace) -> int:
         configure_logging(settings.log_level, settings.log_format)
         asyncio.run(_listen(settings, mapping, args.host or settings.mllp_host, args.listen, args.dry_run))
         return 0
-    # The report below is the output here; the intake's own log lines would repeat it.
-    configure_logging("error", settings.log_format)
     with _open(args.file) as f:
         text = f.read()
     return asyncio.run(_hl7_file(settings, mapping, text, args.dry_run))
 
 
 async def _hl7_file(settings: Settings, mapping: AdapterMapping, text: str, dry_run: bool) -> int:
+    import logging
+
+    import structlog
+
     from trialwatch.adapters.hl7v2 import split_messages
     from trialwatch.adapters.mllp import Hl7Intake
 
+    # The report below is this command's output; the intake's own log lines
+    # would repeat it, so only errors (a failed publish) are logged, to stderr.
+    quiet = structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+    )
     counts = {"AA": 0, "AE": 0, "AR": 0}
     async with _sink(settings, dry_run) as sink:
-        intake = Hl7Intake(mapping, sink)
+        intake = Hl7Intake(mapping, sink, logger=quiet)
         for number, message in enumerate(split_messages(text), start=1):
             answer = await intake.handle(message)
             counts[answer.ack_code] += 1

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -63,7 +64,9 @@ class Hl7Intake:
         sink: EventSink,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         remember: int = REMEMBERED_MESSAGES,
+        logger: Any = None,
     ) -> None:
+        self._log = logger if logger is not None else log
         self._mapping = mapping
         self._sink = sink
         self._clock = clock
@@ -75,7 +78,7 @@ class Hl7Intake:
 
     def refuse(self, reason: str) -> Answer:
         """The AR for something that never became a message (bad framing, bad encoding)."""
-        log.warning("hl7_message_refused", ack_code="AR", reason=reason)
+        self._log.warning("hl7_message_refused", ack_code="AR", reason=reason)
         return _answer(OruOutcome(MessageHeader(), "AR", reason=reason), self._clock())
 
     async def handle(self, text: str) -> Answer:
@@ -86,7 +89,7 @@ class Hl7Intake:
     async def _handle(self, text: str) -> Answer:
         outcome = map_oru(text, self._mapping)
         h = outcome.header
-        bound = log.bind(control_id=h.control_id, sending_application=h.sending_application)
+        bound = self._log.bind(control_id=h.control_id, sending_application=h.sending_application)
         if outcome.ack_code != "AA":
             bound.warning("hl7_message_refused", ack_code=outcome.ack_code, reason=outcome.reason)
             return _answer(outcome, self._clock())
