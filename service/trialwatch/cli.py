@@ -1,15 +1,16 @@
-"""The `trialwatch` command: worker, topics, replay, publish, alerts, schemas."""
+"""The `trialwatch` command: worker, topics, replay, publish, hl7, fhir, alerts, schemas."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from pydantic import AwareDatetime, BaseModel, TypeAdapter, ValidationError
 
@@ -19,6 +20,10 @@ from trialwatch.engine import Engine
 from trialwatch.protocol import load_protocol
 from trialwatch.replay import BadLine, Replay, read_event_file
 from trialwatch.settings import Settings
+
+if TYPE_CHECKING:
+    from trialwatch.adapters import EventSink
+    from trialwatch.adapters.mapping import AdapterMapping
 
 _AWARE = TypeAdapter(AwareDatetime)
 
@@ -103,6 +108,125 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 1 if report.rejected else 0
 
 
+def _adapter_mapping(args: argparse.Namespace, settings: Settings) -> AdapterMapping | None:
+    from trialwatch.adapters.mapping import MappingFileError, load_mapping
+
+    path = args.mapping or settings.adapter_mapping
+    if path is None:
+        print("no mapping file: pass --mapping or set TRIALWATCH_ADAPTER_MAPPING", file=sys.stderr)
+        return None
+    try:
+        return load_mapping(path)
+    except MappingFileError as exc:
+        print(str(exc), file=sys.stderr)
+        return None
+
+
+@contextlib.asynccontextmanager
+async def _sink(settings: Settings, dry_run: bool) -> AsyncIterator[EventSink]:
+    """Kafka through the validating publisher, or standard output as an event file (`--dry-run`)."""
+    from trialwatch.adapters import EventFileSink
+    from trialwatch.publisher import Publisher
+
+    if dry_run:
+        yield EventFileSink(sys.stdout)
+        return
+    async with Publisher(settings.bootstrap_list) as publisher:
+        yield publisher
+
+
+def cmd_hl7(args: argparse.Namespace) -> int:
+    from trialwatch.logs import configure_logging
+
+    settings = Settings()
+    if (args.file is None) == (args.listen is None):
+        print("give either FILE (or -) or --listen PORT", file=sys.stderr)
+        return 2
+    mapping = _adapter_mapping(args, settings)
+    if mapping is None:
+        return 2
+    if args.listen is not None:
+        configure_logging(settings.log_level, settings.log_format)
+        asyncio.run(_listen(settings, mapping, args.host or settings.mllp_host, args.listen, args.dry_run))
+        return 0
+    with _open(args.file) as f:
+        text = f.read()
+    return asyncio.run(_hl7_file(settings, mapping, text, args.dry_run))
+
+
+async def _hl7_file(settings: Settings, mapping: AdapterMapping, text: str, dry_run: bool) -> int:
+    import logging
+
+    import structlog
+
+    from trialwatch.adapters.hl7v2 import split_messages
+    from trialwatch.adapters.mllp import Hl7Intake
+
+    # The report below is this command's output; the intake's own log lines
+    # would repeat it, so only errors (a failed publish) are logged, to stderr.
+    quiet = structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+    )
+    counts = {"AA": 0, "AE": 0, "AR": 0}
+    async with _sink(settings, dry_run) as sink:
+        intake = Hl7Intake(mapping, sink, logger=quiet)
+        for number, message in enumerate(split_messages(text), start=1):
+            answer = await intake.handle(message)
+            counts[answer.ack_code] += 1
+            print(
+                f"message {number} (MSH-10 {answer.control_id or '?'}): {answer.ack_code} {answer.text}",
+                file=sys.stderr,
+            )
+    print(f"accepted {counts['AA']}, errors (AE) {counts['AE']}, rejected (AR) {counts['AR']}", file=sys.stderr)
+    return 0 if counts["AE"] == counts["AR"] == 0 else 1
+
+
+async def _listen(settings: Settings, mapping: AdapterMapping, host: str, port: int, dry_run: bool) -> None:
+    from trialwatch.adapters.mllp import Hl7Intake, start_listener
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with _sink(settings, dry_run) as sink:
+        server = await start_listener(Hl7Intake(mapping, sink), host, port, settings.hl7_encoding)
+        await stop.wait()
+        # Stop taking connections, then let the publisher flush on the way out.
+        server.close()
+        await server.wait_closed()
+
+
+def cmd_fhir(args: argparse.Namespace) -> int:
+    from trialwatch.adapters import topic_of
+    from trialwatch.adapters.fhir_r4 import map_fhir
+
+    settings = Settings()
+    mapping = _adapter_mapping(args, settings)
+    if mapping is None:
+        return 2
+    with _open(args.file) as f:
+        outcomes = map_fhir(f.read(), mapping)
+
+    async def send() -> None:
+        async with _sink(settings, args.dry_run) as sink:
+            for outcome in outcomes:
+                if outcome.event is not None:
+                    await sink.publish(topic_of(outcome.event), outcome.event)
+
+    asyncio.run(send())
+    for outcome in outcomes:
+        if outcome.event is not None:
+            print(f"{outcome.where}: sent to {topic_of(outcome.event)}", file=sys.stderr)
+        else:
+            print(f"{outcome.where}: {'skipped' if outcome.skipped else 'rejected'}: {outcome.reason}", file=sys.stderr)
+    sent = sum(o.event is not None for o in outcomes)
+    rejected = sum(o.rejected for o in outcomes)
+    print(f"sent {sent}, rejected {rejected}, skipped {len(outcomes) - sent - rejected}", file=sys.stderr)
+    return 1 if rejected or not outcomes else 0
+
+
 def cmd_alerts(args: argparse.Namespace) -> int:
     from trialwatch.alert_feed import follow_alerts
 
@@ -163,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", help="validate an event file and send its valid lines to Kafka")
     p.add_argument("file", help="event file; - for stdin")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("hl7", help="map HL7 v2 ORU^R01 lab results to events: from a file, or as an MLLP listener")
+    p.add_argument("file", nargs="?", help="messages separated by blank lines or MLLP-framed; - for stdin")
+    p.add_argument("--listen", type=int, metavar="PORT", help="run an MLLP listener on this port instead")
+    p.add_argument("--host", help="address to listen on (default: TRIALWATCH_MLLP_HOST, 127.0.0.1)")
+    p.add_argument("--mapping", type=Path, help="adapter mapping file (default: TRIALWATCH_ADAPTER_MAPPING)")
+    p.add_argument("--dry-run", action="store_true", help="print the events as an event file instead of sending")
+    p.set_defaults(func=cmd_hl7)
+
+    p = sub.add_parser("fhir", help="map FHIR R4 Observation and AdverseEvent resources (or Bundles, NDJSON)")
+    p.add_argument("file", help="a resource, a Bundle, or NDJSON; - for stdin")
+    p.add_argument("--mapping", type=Path, help="adapter mapping file (default: TRIALWATCH_ADAPTER_MAPPING)")
+    p.add_argument("--dry-run", action="store_true", help="print the events as an event file instead of sending")
+    p.set_defaults(func=cmd_fhir)
 
     p = sub.add_parser("alerts", help="follow the alert stream and print it for people")
     p.add_argument("--masked", action="store_true", help="follow the masked stream")

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     # rather than commit past an alert it could not deliver.
     send_retry_initial_s: float = 0.2
     send_retry_max_s: float = 10.0
+    # HL7 v2 / FHIR adapters (`trialwatch hl7`, `trialwatch fhir`). The mapping
+    # file holds hospital record numbers: keep it readable by the adapter only.
+    adapter_mapping: Path | None = Field(
+        default=None, description="TOML file: site_id, [subjects] MRN -> subject code, [local_codes], ignore_codes"
+    )
+    mllp_host: str = Field(default="127.0.0.1", description="address `trialwatch hl7 --listen` binds")
+    hl7_encoding: str = Field(default="utf-8", description="character encoding of HL7 v2 messages")
 
     # DSMB API (see dsmb/web.py). Unset tokens lock the API: every request is 401.
     dsmb_token: SecretStr | None = Field(default=None, description="Bearer token of the unblinded DSMB role")
