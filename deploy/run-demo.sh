@@ -63,6 +63,13 @@ echo "           the masked token $TRIALWATCH_MASKED_TOKEN shows the blinded vie
 grep '"trial.enrollment.v1"' "$COHORT" | "$BIN/trialwatch" publish -
 sleep 2
 grep -v '"trial.enrollment.v1"' "$COHORT" | "$BIN/trialwatch" publish -
+# Then the trial at its planned size: 70 generated subjects (codes TWS-…),
+# enrolled over the last five months, as their records stand today.
+SEEDED=trialwatch-data/seed-cohort.jsonl
+"$BIN/trialwatch" seed --subjects 70 --seed 2026 --start "$(date -u -d '-150 days' +%F)" --until now > "$SEEDED"
+grep '"trial.enrollment.v1"' "$SEEDED" | "$BIN/trialwatch" publish -
+sleep 2
+grep -v '"trial.enrollment.v1"' "$SEEDED" | "$BIN/trialwatch" publish -
 echo
 echo "DSMB alerts (unblinded stream trial.alerts.v1); Ctrl-C to stop everything:"
 "$BIN/trialwatch" alerts

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -247,7 +248,13 @@ def cmd_demo_cohort(args: argparse.Namespace) -> int:
 def cmd_seed(args: argparse.Namespace) -> int:
     from trialwatch.cohort import write
 
-    sys.stdout.writelines(write(args.subjects, args.seed, args.start))
+    until = None
+    if args.until is not None:
+        until = datetime.now(UTC) if args.until == "now" else datetime.fromisoformat(args.until)
+        if until.tzinfo is None:
+            print("--until needs a UTC offset (or 'now')", file=sys.stderr)
+            return 2
+    sys.stdout.writelines(write(args.subjects, args.seed, args.start, until))
     return 0
 
 
@@ -316,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=70, help="number of subjects (the trial plans 70)")
     p.add_argument("--seed", type=int, default=1, help="same seed, same file")
     p.add_argument("--start", type=date.fromisoformat, default=date(2025, 1, 6), help="first enrolment date")
+    p.add_argument("--until", help="leave out events after this date-time (with offset) or 'now': the cohort so far")
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("schemas", help="write JSON Schema and AsyncAPI files from the models")
@@ -326,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except BrokenPipeError:
+        # `trialwatch seed | head`: the reader has gone; not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return code
 
 

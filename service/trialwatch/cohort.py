@@ -233,8 +233,12 @@ def _subject(index: int, enrolled: date, rng: random.Random, safety_rate: float)
     return s
 
 
-def generate(subjects: int, seed: int, start: date) -> Iterator[dict[str, Any]]:
-    """Event-file lines for `subjects` subjects enrolled from `start`, in clinical-time order."""
+def generate(subjects: int, seed: int, start: date, until: datetime | None = None) -> Iterator[dict[str, Any]]:
+    """Event-file lines for `subjects` subjects enrolled from `start`, in clinical-time order.
+
+    With `until`, the cohort as it stands at that moment: later events are left
+    out (the same seed gives the same subjects whatever `until` is).
+    """
     rng = random.Random(seed)
     events: list[tuple[datetime, int, str, dict[str, Any]]] = []
     enrolled = start
@@ -243,10 +247,12 @@ def generate(subjects: int, seed: int, start: date) -> Iterator[dict[str, Any]]:
         subject = _subject(index, enrolled, random.Random(rng.getrandbits(64)), safety_rate=0.15)
         events += [(at, len(events) + i, topic, body) for i, (at, topic, body) in enumerate(subject.events)]
     events.sort(key=lambda e: (e[0], e[1]))
-    for _, _, topic, body in events:
+    for at, _, topic, body in events:
+        if until is not None and at > until:
+            break
         yield {"topic": topic, "value": body}
 
 
-def write(subjects: int, seed: int, start: date) -> Iterator[str]:
-    for line in generate(subjects, seed, start):
+def write(subjects: int, seed: int, start: date, until: datetime | None = None) -> Iterator[str]:
+    for line in generate(subjects, seed, start, until):
         yield json.dumps(line, ensure_ascii=False) + "\n"

@@ -44,6 +44,16 @@ class TestGenerator:
         assert 70 == sum(arms.values())
         assert 5 == len(topics)
 
+    def test_until_is_the_same_cohort_cut_at_that_moment(self) -> None:
+        """`make run` publishes the cohort 'as of now': a prefix of the full file, nothing later."""
+        full = cohort(30, 3).splitlines()
+        cut = datetime.fromisoformat("2025-03-01T00:00:00+08:00")
+        partial = "".join(write(30, 3, START, until=cut)).splitlines()
+        assert 0 < len(partial) < len(full)
+        assert full[: len(partial)] == partial
+        assert all(datetime.fromisoformat(json.loads(x)["value"]["occurred_at"]) <= cut for x in partial)
+        assert datetime.fromisoformat(json.loads(full[len(partial)])["value"]["occurred_at"]) > cut
+
 
 class TestThousandSubjects:
     """1,000 subjects: every line valid, and replayed, every rule of the catalogue fires."""
