@@ -180,3 +180,51 @@ class TestEngineFailure:
 
         [letter] = producer.on(DEADLETTER)
         assert ("processing_error", "e1") == (letter["reason"], letter["event_id"])
+
+
+class HalfwayFailingEngine(Engine):
+    """Fails once, after the real engine has already updated the state in place (a bug mid-rule)."""
+
+    def __init__(self) -> None:
+        super().__init__(load_protocol())
+        self.fail_next = False
+
+    def apply(self, state: Any, event: Any, now: Any) -> Any:
+        result = super().apply(state, event, now)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("a rule failed after the state was updated")
+        return result
+
+
+class TestParsedStateCache:
+    """Reusing parsed states must never let a half-applied event count as processed."""
+
+    async def test_an_event_whose_processing_failed_is_not_remembered_as_seen(self) -> None:
+        producer = FakeProducer()
+        engine = HalfwayFailingEngine()
+        worker = SubjectWorker(engine, Metrics(CollectorRegistry()), producer.send)
+        states: dict[bytes, bytes] = {}
+        await worker.handle(record(lab("e1", 160), offset=0), states)
+        engine.fail_next = True
+        await worker.handle(record(lab("e2", 20), offset=1), states)
+        assert [] == producer.on(ALERTS)
+        assert ["processing_error"] == [d["reason"] for d in producer.on(DEADLETTER)]
+        # The same event, re-sent after the bug is fixed, is evaluated: the
+        # half-updated state (which had e2 as seen) was not kept.
+        await worker.handle(record(lab("e2", 20), offset=2), states)
+        assert [("lab.platelets.low", "critical")] == [(a["rule"], a["severity"]) for a in producer.on(ALERTS)]
+
+    async def test_a_state_changed_behind_the_cache_is_read_from_the_table(self) -> None:
+        """After a recovery the table holds other bytes than the worker last wrote: those win."""
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+        states: dict[bytes, bytes] = {}
+        other, _ = make_worker(FakeProducer())
+        other_states: dict[bytes, bytes] = {}
+        await worker.handle(record(lab("e1", 160), offset=0), states)
+        await other.handle(record(lab("e1", 160), offset=0), other_states)
+        await other.handle(record(lab("e2", 40), offset=1), other_states)
+        states[b"S-1"] = other_states[b"S-1"]  # as recovered from the changelog
+        await worker.handle(record(lab("e2", 40), offset=1), states)
+        assert [] == producer.on(ALERTS), "e2 is in the recovered state: a re-send, not a new result"
