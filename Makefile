@@ -11,8 +11,9 @@ KAFKA := deploy/kafka/kafka.sh
 
 # `make test` runs its own broker on other ports than `make run`, so both can run at once.
 TEST_KAFKA_ENV := KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 KAFKA_STATE_DIR=$(CURDIR)/.kafka-test
+BENCH_KAFKA_ENV := KAFKA_PORT=19192 KAFKA_CONTROLLER_PORT=19193 KAFKA_STATE_DIR=$(CURDIR)/.kafka-bench
 
-.PHONY: install run test lint unit schemas promtool kafka-up kafka-down clean
+.PHONY: install run test lint unit schemas promtool chromium kafka-up kafka-down clean bench
 
 install: $(STAMP)
 
@@ -26,19 +27,19 @@ $(STAMP): pyproject.toml
 run: install
 	@deploy/run-demo.sh
 
-test: install
+test: install chromium
 	@status=0; user_broker=$${KAFKA_BOOTSTRAP_SERVERS:-}; \
 	$(TEST_KAFKA_ENV) $(KAFKA) start || exit 1; \
 	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(TEST_KAFKA_ENV) $(KAFKA) bootstrap)}; \
-	TRIALWATCH_REQUIRE_KAFKA=1 $(BIN)/pytest || status=$$?; \
+	TRIALWATCH_REQUIRE_KAFKA=1 TRIALWATCH_REQUIRE_BROWSER=1 $(BIN)/pytest || status=$$?; \
 	$(MAKE) --no-print-directory lint || status=$$?; \
 	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(TEST_KAFKA_ENV) $(KAFKA) stop; fi; \
 	if [ $$status -eq 0 ]; then echo "make test: all green"; else echo "make test: FAILED ($$status)"; fi; \
 	exit $$status
 
 lint: install promtool
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests benchmarks
+	$(BIN)/ruff format --check service tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/trialwatch schemas --check
 	cd deploy/prometheus && promtool check config prometheus.yml && promtool test rules rules_test.yml
@@ -50,11 +51,27 @@ promtool:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
 	  && { systemctl stop prometheus 2>/dev/null || pkill -x prometheus || true; }; }
 
+# The DSMB page tests drive Debian's chromium headless over the DevTools protocol.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium (Debian package chromium)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 unit: install
 	$(BIN)/pytest tests/unit
 
 schemas: install
 	$(BIN)/trialwatch schemas
+
+# Throughput figures (not a test): a fresh broker of its own, a generated
+# cohort, the raw aiokafka ceiling and one worker. BENCH_SUBJECTS=1000 by default.
+bench: install
+	@user_broker=$${KAFKA_BOOTSTRAP_SERVERS:-}; \
+	$(BENCH_KAFKA_ENV) $(KAFKA) start || exit 1; \
+	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(BENCH_KAFKA_ENV) $(KAFKA) bootstrap)}; \
+	$(BIN)/python benchmarks/throughput.py --subjects $${BENCH_SUBJECTS:-1000}; status=$$?; \
+	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(BENCH_KAFKA_ENV) $(KAFKA) stop; fi; \
+	exit $$status
 
 kafka-up:
 	@$(KAFKA) start
@@ -63,4 +80,4 @@ kafka-down:
 	@$(KAFKA) stop
 
 clean:
-	rm -rf $(VENV) .kafka .kafka-test trialwatch-data .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .kafka .kafka-test .kafka-bench trialwatch-data .mypy_cache .ruff_cache .pytest_cache
