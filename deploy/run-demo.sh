@@ -37,8 +37,8 @@ export KAFKA_BOOTSTRAP_SERVERS=${KAFKA_BOOTSTRAP_SERVERS:-$("$KAFKA" bootstrap)}
 
 "$BIN/trialwatch" topics
 # Tokens of the DSMB page and API: yours if set, else fresh ones for this run.
-export TRIALWATCH_DSMB_TOKEN=${TRIALWATCH_DSMB_TOKEN:-$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(18))')}
-export TRIALWATCH_MASKED_TOKEN=${TRIALWATCH_MASKED_TOKEN:-$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(18))')}
+export TRIALWATCH_DSMB_TOKEN=${TRIALWATCH_DSMB_TOKEN:-$("$BIN/python" -c 'import secrets; print(secrets.token_hex(16))')}
+export TRIALWATCH_MASKED_TOKEN=${TRIALWATCH_MASKED_TOKEN:-$("$BIN/python" -c 'import secrets; print(secrets.token_hex(16))')}
 TRIALWATCH_WEB_PORT=$PORT "$BIN/trialwatch" worker >trialwatch-data/worker.log 2>&1 &
 worker_pid=$!
 echo "worker started (pid $worker_pid), log: trialwatch-data/worker.log"
