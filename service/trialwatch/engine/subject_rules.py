@@ -112,10 +112,15 @@ def eligibility_failures(state: SubjectState, protocol: Protocol) -> list[dict[s
     if state.enrolled_at is None:
         return failures
     window_start = state.enrolled_at - timedelta(days=spec.screening_window_days)
+    # One pass over the subject's labs (this runs on every event, and the
+    # labs grow with every visit), not one per screening criterion.
+    wanted = {lab.analyte for lab in spec.labs}
+    screened: dict[str, list[LabResult]] = {}
+    for r in state.labs.values():
+        if r.analyte in wanted and window_start <= r.at <= state.enrolled_at:
+            screened.setdefault(r.analyte, []).append(r)
     for lab in spec.labs:
-        screening = _latest(
-            [r for r in state.labs.values() if r.analyte == lab.analyte and window_start <= r.at <= state.enrolled_at]
-        )
+        screening = _latest(screened.get(lab.analyte, []))
         if screening is None:
             continue
         if lab.at_least is not None and screening.value < lab.at_least:
