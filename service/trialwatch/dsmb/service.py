@@ -70,7 +70,10 @@ class DsmbFeed:
                         changed |= self._apply(tp.topic, rec.value or b"")
                 if changed:
                     self.on_change()
-                if self._targets is not None and await self._reached(consumer, self._targets):
+                targets = self._targets
+                # `sync` may set new targets while positions are checked: only
+                # the targets that were checked may be declared reached.
+                if targets is not None and await self._reached(consumer, targets) and self._targets is targets:
                     self._targets = None
                     self._synced.set()
                     if not self.caught_up.is_set():
@@ -227,11 +230,11 @@ class Notifier:
     def _dispatch(self, session: aiohttp.ClientSession) -> None:
         now = datetime.now(UTC)
         mono = time.monotonic()
-        pending = 0
+        owed_now: set[str] = set()
         for history in list(self.feed.dsmb.alerts.values()):
             jobs, _ = owed(history, self.primary, self.escalation, self.escalate_after, now)
-            pending += len(jobs)
             for job in jobs:
+                owed_now.add(job.delivery_id)
                 retry = self._retries.get(job.delivery_id)
                 if job.delivery_id in self._in_flight or (retry is not None and retry.next_at > mono):
                     continue
@@ -239,7 +242,11 @@ class Notifier:
                 task = asyncio.create_task(self._attempt(session, job))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        self.metrics.webhook_pending.set(pending)
+        # Retry state of deliveries no longer owed (an acknowledgement stopped
+        # an escalation, a resolution overtook it) would otherwise stay forever.
+        for stale in [d for d in self._retries if d not in owed_now and d not in self._in_flight]:
+            del self._retries[stale]
+        self.metrics.webhook_pending.set(len(owed_now))
 
     async def _attempt(self, session: aiohttp.ClientSession, job: Job) -> None:
         async with self._slots:
