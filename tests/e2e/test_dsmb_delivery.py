@@ -68,10 +68,14 @@ class TestWebhooksEscalationAndAcks:
             listed = await api_until(
                 f"{worker.url}/alerts?subject_id={acked}", dsmb, lambda b: b["count"] == 1, timeout_s=30
             )
-            acked_id = listed["alerts"][0]["alert_id"]
-            status, body = call(f"{worker.url}/alerts/{acked_id}/ack", dsmb, {"acknowledged_by": "Dr E2E"})
+            acked_id, acked_revision = listed["alerts"][0]["alert_id"], listed["alerts"][0]["revision"]
+            status, body = call(
+                f"{worker.url}/alerts/{acked_id}/ack", dsmb, {"revision": acked_revision, "acknowledged_by": "Dr E2E"}
+            )
             assert (201, acked_id) == (status, body["acknowledgement"]["alert_id"])
-            again, _ = call(f"{worker.url}/alerts/{acked_id}/ack", dsmb, {"acknowledged_by": "Dr Other"})
+            again, _ = call(
+                f"{worker.url}/alerts/{acked_id}/ack", dsmb, {"revision": acked_revision, "acknowledged_by": "Dr Other"}
+            )
             assert 200 == again
 
             got = await receiver.wait_for(
@@ -131,7 +135,7 @@ class TestWebhooksEscalationAndAcks:
         assert 401 == call(f"{url}/alerts", "not-a-token")[0]
         assert 403 == call(f"{url}/alerts", masked)[0]
         assert 404 == call(f"{url}/alerts/no-such-alert", dsmb)[0]
-        assert 404 == call(f"{url}/alerts/no-such-alert/ack", dsmb, {"acknowledged_by": "x"})[0]
+        assert 404 == call(f"{url}/alerts/no-such-alert/ack", dsmb, {"revision": 1, "acknowledged_by": "x"})[0]
         mine = call(f"{url}/alerts?subject_id={critical}&severity=critical", dsmb)[1]
         assert [(critical, "lab.platelets.low")] == [(a["subject_id"], a["rule"]) for a in mine["alerts"]]
         status, view = call(f"{url}/masked/alerts", masked)

@@ -76,10 +76,9 @@ async def traffic(
     )
     await receiver.wait_for(lambda got: len(got) >= 3)
     listed = await api_until(f"{worker.url}/alerts?subject_id={s2}", token, lambda b: b["count"] >= 1)
-    assert (
-        call(f"{worker.url}/alerts/{listed['alerts'][0]['alert_id']}/ack", token, {"acknowledged_by": "Dr Obs"})[0]
-        == 201
-    )
+    first = listed["alerts"][0]
+    ack = {"revision": first["revision"], "acknowledged_by": "Dr Obs"}
+    assert 201 == call(f"{worker.url}/alerts/{first['alert_id']}/ack", token, ack)[0]
     await asyncio.sleep(6)  # one pass of the 5 s gauge timer
     yield worker, [s1, s2], subject_prefix
     await receiver.stop()

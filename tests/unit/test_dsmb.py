@@ -281,6 +281,13 @@ def _registry() -> Any:
     return CollectorRegistry()
 
 
+def ack_body(api: DsmbApi, alert_id: str, **fields: Any) -> bytes:
+    """An acknowledgement of the alert's current state, as the page sends it."""
+    history = api.feed.dsmb.get(alert_id)
+    revision = history.current.revision if history is not None else 1
+    return json.dumps({"revision": revision, **fields}).encode()
+
+
 def bearer(token: str) -> str:
     return f"Bearer {token}"
 
@@ -302,7 +309,9 @@ class TestApiAccess:
         calls = {
             "list": lambda: api.list_alerts(auth, {}),
             "detail": lambda: api.get_alert(auth, alerts[0].alert_id),
-            "ack": lambda: asyncio.run(api.ack(auth, alerts[0].alert_id, b'{"acknowledged_by": "x"}')),
+            "ack": lambda: asyncio.run(
+                api.ack(auth, alerts[0].alert_id, ack_body(api, alerts[0].alert_id, acknowledged_by="x"))
+            ),
         }
         assert 403 == _reply(calls[endpoint]).status
         assert [] == publisher.sent
@@ -388,7 +397,11 @@ class TestAcknowledge:
         api, _feed, publisher, alerts = api_parts
         target = alerts[0]
         reply = asyncio.run(
-            api.ack(bearer(DSMB_TOKEN), target.alert_id, b'{"acknowledged_by": "Dr Lin", "comment": "seen"}')
+            api.ack(
+                bearer(DSMB_TOKEN),
+                target.alert_id,
+                ack_body(api, target.alert_id, acknowledged_by="Dr Lin", comment="seen"),
+            )
         )
         assert 201 == reply.status
         [(topic, key, value)] = publisher.sent
@@ -400,31 +413,76 @@ class TestAcknowledge:
 
     def test_acknowledging_twice_writes_once_and_returns_the_first(self, api_parts: Any) -> None:
         api, _, publisher, alerts = api_parts
-        first = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, b'{"acknowledged_by": "Dr Lin"}'))
-        again = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, b'{"acknowledged_by": "Dr Wu"}'))
+        first = asyncio.run(
+            api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Lin"))
+        )
+        again = asyncio.run(
+            api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Wu"))
+        )
         assert (201, 200) == (first.status, again.status)
         assert "Dr Lin" == again.body["acknowledgement"]["acknowledged_by"]
         assert 1 == len(publisher.sent)
 
     def test_unknown_alert_is_404_and_nothing_is_written(self, api_parts: Any) -> None:
         api, _, publisher, _ = api_parts
-        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), "no-such-alert", b'{"acknowledged_by": "Dr Lin"}'))
+        reply = asyncio.run(
+            api.ack(bearer(DSMB_TOKEN), "no-such-alert", b'{"revision": 1, "acknowledged_by": "Dr Lin"}')
+        )
         assert (404, []) == (reply.status, publisher.sent)
 
     @pytest.mark.parametrize(
-        "body", [b"", b"{}", b'{"acknowledged_by": ""}', b"not json", b'{"acknowledged_by": "x", "extra": 1}']
+        "body",
+        [
+            b"",
+            b"{}",
+            b'{"revision": 1, "acknowledged_by": ""}',
+            b'{"revision": 1, "acknowledged_by": "   "}',
+            b'{"acknowledged_by": "no revision"}',
+            b"not json",
+            b'{"revision": 1, "acknowledged_by": "x", "extra": 1}',
+        ],
     )
     def test_bad_body_is_400(self, api_parts: Any, body: bytes) -> None:
         api, _, publisher, alerts = api_parts
         reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, body))
         assert (400, []) == (reply.status, publisher.sent)
 
+    def test_a_state_the_member_did_not_see_is_not_acknowledged(self, api_parts: Any) -> None:
+        """The page showed revision 1 (high); revision 2 (critical) arrived: acknowledging 1 must not silence 2."""
+        api, _, publisher, alerts = api_parts
+        platelets = [a for a in alerts if a.rule == "lab.platelets.low"]
+        assert [1, 2] == [a.revision for a in platelets][:2]
+        stale = json.dumps({"revision": 1, "acknowledged_by": "Dr Lin"}).encode()
+        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), platelets[0].alert_id, stale))
+        assert (409, []) == (reply.status, publisher.sent)
+        assert "revision 2" in reply.body["error"]
+
+    def test_an_alert_whose_firing_states_were_compacted_away_is_409_not_a_crash(self) -> None:
+        feed = DsmbFeed(["unused:9092"], "ledger")
+        feed.caught_up.set()
+        feed.dsmb.add_alert(raw(alert(3, status="resolved")))
+        api = DsmbApi(feed, FakePublisher(), Metrics(_registry()), {Role.DSMB: SecretStr(DSMB_TOKEN)})
+        body = json.dumps({"revision": 3, "acknowledged_by": "Dr Lin"}).encode()
+        assert 409 == asyncio.run(api.ack(bearer(DSMB_TOKEN), "alert-1", body)).status
+
+    def test_a_wrong_record_on_the_masked_topic_is_not_served(self, api_parts: Any) -> None:
+        api, feed, _, _ = api_parts
+        leaked = alert(1, alert_id="leak", rule="sbrt.window.missed")
+        feed.masked.add_alert(leaked.model_dump_json(exclude={"arm"}).encode())
+        assert 404 == api.get_masked(bearer(MASKED_TOKEN), "leak").status
+        listed = api.list_masked(bearer(MASKED_TOKEN), {}).body["alerts"]
+        assert "leak" not in {a["alert_id"] for a in listed}
+
     def test_kafka_failure_is_not_an_acknowledgement(self, api_parts: Any) -> None:
         """The ack exists once it is in the audit trail; a failed write leaves the alert unacknowledged."""
         api, feed, publisher, alerts = api_parts
         publisher.fail = True
         with pytest.raises(ConnectionError):
-            asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, b'{"acknowledged_by": "Dr Lin"}'))
+            asyncio.run(
+                api.ack(
+                    bearer(DSMB_TOKEN), alerts[0].alert_id, ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Lin")
+                )
+            )
         history = feed.dsmb.get(alerts[0].alert_id)
         assert history is not None
         assert history.acknowledgement is None

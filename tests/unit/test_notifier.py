@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from tests.unit.test_dsmb import FakePublisher, alert, raw
+from tests.unit.test_dsmb import FakePublisher, ack, alert, raw
 from trialwatch.dsmb.book import Delivery
 from trialwatch.dsmb.notify import DELIVERY_HEADER, SIGNATURE_HEADER, Receiver, verify
 from trialwatch.dsmb.service import DsmbFeed, Notifier
@@ -194,3 +194,58 @@ class TestLeadership:
 def alert_revision(body: bytes) -> int:
     revision: int = json.loads(body)["revision"]
     return revision
+
+
+class TestRedirects:
+    async def test_a_redirect_is_a_failed_attempt_not_a_delivery(self) -> None:
+        """Followed, a 302 turns the POST into a bodiless GET answered 200: the alert would be lost as 'delivered'."""
+        seen: list[str] = []
+
+        async def moved(request: web.Request) -> web.Response:
+            seen.append(request.method)
+            return web.Response(status=302, headers={"Location": "/elsewhere"})
+
+        async def elsewhere(request: web.Request) -> web.Response:
+            seen.append(f"{request.method} /elsewhere")
+            return web.Response(status=200)
+
+        app = web.Application()
+        app.router.add_post("/hook", moved)
+        app.router.add_route("*", "/elsewhere", elsewhere)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            feed, publisher = LoadedFeed(), FakePublisher()
+            feed.dsmb.add_alert(raw(alert(1)))
+            notifier = notifier_for(feed, f"http://127.0.0.1:{port}/hook", publisher)
+            await run_until(notifier, lambda: counted(notifier, "failed") >= 2)
+            assert [] == ledger(publisher)
+            assert [] == [m for m in seen if "elsewhere" in m]
+        finally:
+            await runner.cleanup()
+
+
+class TestStillOwed:
+    async def test_an_escalation_acknowledged_while_queued_is_not_sent(self, hook_server: Any) -> None:
+        hook = await hook_server([204])
+        feed, publisher = LoadedFeed(), FakePublisher()
+        critical = alert(1, severity="critical")
+        feed.dsmb.add_alert(raw(critical))
+        url = f"http://127.0.0.1:{hook.port}/hook"
+        notifier = notifier_for(feed, url, publisher, escalate_after_s=0.0001, is_leader=lambda: True)
+        # Queue everything behind a slot held by the test, then acknowledge.
+        notifier._slots = asyncio.Semaphore(0)
+        task = asyncio.create_task(notifier.run())
+        await asyncio.sleep(0.3)
+        feed.dsmb.add_ack(ack("alert-1", 1))
+        notifier._slots.release()
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        kinds = [h.get("X-Trialwatch-Notification") for _, h in hook.requests]
+        assert "escalation" not in kinds

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from trialwatch.contract import AlertMessage, MaskedAlertMessage
+from trialwatch.contract import AlertMessage, MaskedAlertMessage, reveals_arm
 from trialwatch.dsmb.book import AlertBook, AlertHistory
 from trialwatch.dsmb.service import AckRejected, DsmbFeed, Publish, acknowledge
 from trialwatch.metrics import Metrics
@@ -53,7 +53,9 @@ class AckRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    acknowledged_by: str = Field(min_length=1, max_length=128)
+    # The state the member saw: a newer one (the severity rose) is not acknowledged unseen.
+    revision: int = Field(ge=1)
+    acknowledged_by: str = Field(min_length=1, max_length=128, pattern=r"\S")
     comment: str | None = Field(default=None, max_length=2000)
 
 
@@ -128,8 +130,9 @@ class DsmbApi:
         self.authorize(authorization, ANY_ROLE)
         history = self.feed.masked.get(alert_id)
         # An arm-revealing alert is not on the masked stream: to a blinded
-        # reader it does not exist (404), which reveals nothing.
-        if history is None:
+        # reader it does not exist (404), which reveals nothing. Checked here
+        # too, so a wrong record on the masked topic is never served.
+        if history is None or reveals_arm(history.current.rule):
             return _error(404, "no such alert")
         return Reply(
             200,
@@ -148,7 +151,13 @@ class DsmbApi:
             return _error(400, f"invalid acknowledgement: {problems}")
         try:
             ack, new = await acknowledge(
-                self.feed, self.publish, alert_id, request.acknowledged_by, request.comment, self.clock()
+                self.feed,
+                self.publish,
+                alert_id,
+                request.revision,
+                request.acknowledged_by.strip(),
+                request.comment,
+                self.clock(),
             )
         except AckRejected as exc:
             return _error(exc.status, exc.detail)
@@ -167,7 +176,8 @@ class DsmbApi:
             found = book.query(query)
         except ValueError as exc:
             return _error(400, str(exc))
-        alerts = [self._summary(h, with_acks=with_acks) for h in found]
+        masked = book is self.feed.masked
+        alerts = [self._summary(h, with_acks=with_acks) for h in found if not (masked and reveals_arm(h.current.rule))]
         return Reply(200, {"count": len(alerts), "alerts": alerts})
 
     @staticmethod

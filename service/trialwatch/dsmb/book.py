@@ -67,7 +67,9 @@ class AlertHistory(Generic[Message]):
             return None
         firing = [r.revision for r in self.revisions if r.status == "firing"]
         if not firing:
-            return None
+            # Compaction kept only the resolution: the latest acknowledgement
+            # is the best account of what was acknowledged.
+            return self.acks[-1] if self.acks else None
         needed = max(firing)
         for ack in self.acks:
             if ack.revision >= needed:

@@ -126,23 +126,33 @@ async def acknowledge(
     feed: DsmbFeed,
     publish: Publish,
     alert_id: str,
+    revision: int,
     acknowledged_by: str,
     comment: str | None,
     now: datetime,
 ) -> tuple[AlertAck, bool]:
-    """Record an acknowledgement of the alert's current state on `trial.alert-acks.v1`.
+    """Record an acknowledgement of the alert state `revision` (the one the member saw) on `trial.alert-acks.v1`.
 
     Returns (the acknowledgement, whether it is new). Acknowledging a state
     already acknowledged returns the first acknowledgement and writes nothing.
-    Raises AckRejected(404) for an alert this worker's book does not hold.
+    Raises AckRejected: 404 for an alert this worker's book does not hold; 409
+    when `revision` is not the alert's current firing state (the severity rose
+    since the member looked: they must see the new state before acknowledging
+    it, or its escalation would be silenced unseen).
     """
     history = feed.dsmb.get(alert_id)
     if history is None:
         raise AckRejected(404, "no such alert")
     existing = history.acknowledgement
-    if existing is not None:
+    if existing is not None and existing.revision >= revision:
         return existing, False
-    revision = max(r.revision for r in history.revisions if r.status == "firing")
+    firing = [r.revision for r in history.revisions if r.status == "firing"]
+    if not firing:
+        raise AckRejected(409, "only the resolved state of this alert is kept; there is nothing to acknowledge")
+    if revision != max(firing):
+        raise AckRejected(
+            409, f"revision {revision} is not the alert's current state (revision {max(firing)}); reload and look again"
+        )
     ack = AlertAck(
         ack_id=ack_id(alert_id, revision),
         alert_id=alert_id,
@@ -251,13 +261,27 @@ class Notifier:
     async def _attempt(self, session: aiohttp.ClientSession, job: Job) -> None:
         async with self._slots:
             try:
-                await self._deliver(session, job)
+                # It may have waited for a slot: still leading, still owed (an
+                # acknowledgement may have stopped an escalation meanwhile)?
+                if self.is_leader() and self._still_owed(job):
+                    await self._deliver(session, job)
             except Exception:
-                # A bug here must not stop the notifier; the delivery stays owed.
+                # A bug here must not stop the notifier; the delivery stays
+                # owed, retried after a back-off rather than at once.
                 log.error("webhook delivery failed unexpectedly", delivery_id=job.delivery_id, exc_info=True)
+                retry = self._retries.setdefault(job.delivery_id, _Retry(first_at=time.monotonic()))
+                retry.attempts += 1
+                retry.next_at = time.monotonic() + backoff_s(retry.attempts, self.retry_initial_s, self.retry_max_s)
             finally:
                 self._in_flight.discard(job.delivery_id)
                 self.wake.set()
+
+    def _still_owed(self, job: Job) -> bool:
+        history = self.feed.dsmb.get(job.alert.alert_id)
+        if history is None:
+            return False
+        jobs, _ = owed(history, self.primary, self.escalation, self.escalate_after, datetime.now(UTC))
+        return any(j.delivery_id == job.delivery_id for j in jobs)
 
     async def _deliver(self, session: aiohttp.ClientSession, job: Job) -> None:
         body = job.body
@@ -272,7 +296,9 @@ class Notifier:
         status: int | None = None
         error = ""
         try:
-            async with session.post(job.receiver.url, data=body, headers=headers) as response:
+            # No redirects: aiohttp would turn the POST into a bodiless GET,
+            # answered 200, and the alert would count as delivered.
+            async with session.post(job.receiver.url, data=body, headers=headers, allow_redirects=False) as response:
                 status = response.status
                 await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
