@@ -207,8 +207,9 @@ def cmd_fhir(args: argparse.Namespace) -> int:
     mapping = _adapter_mapping(args, settings)
     if mapping is None:
         return 2
-    with _open(args.file) as f:
-        outcomes = map_fhir(f.read(), mapping)
+    # Bytes: a line that is not UTF-8 is refused on its own, not the whole file.
+    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    outcomes = map_fhir(data, mapping)
 
     async def send() -> None:
         async with _sink(settings, args.dry_run) as sink:

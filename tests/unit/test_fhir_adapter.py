@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.unit.test_hl7_adapter import MAPPING
-from trialwatch.adapters.fhir_r4 import CTCAE_GRADE_EXTENSION, FhirOutcome, map_fhir
+from trialwatch.adapters.fhir_r4 import CTCAE_GRADE_EXTENSION, MAX_DOCUMENT_CHARS, FhirOutcome, map_fhir
+from trialwatch.cli import main
 from trialwatch.contract import AdverseEvent, Lab
 
 OBSERVATION: dict[str, Any] = {
@@ -257,3 +260,163 @@ class TestContainers:
         outcome = one({"resourceType": "Patient", "id": "MRN0001"})
         assert outcome.rejected
         assert "MRN0001" not in outcome.where + outcome.reason
+
+
+def bundle_of(*resources: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
+
+
+class TestHostileDocuments:
+    """Issue 10, defect 8: every document is mapped or refused with a reason; nothing raises."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ('{"resourceType": "Observation", "valueQuantity": {"value": ' + "9" * 5_000 + "}}", "number"),
+            ('{"resourceType": "Observation", "id": ' + "1" * 5_000 + "}", "number"),
+            ("[" * 100_000, "nested"),
+            ('{"a":' * 100_000, "nested"),
+            ('{"resourceType": "Observation", "valueQuantity": {"value": NaN}}', "not JSON"),
+            ('{"resourceType": "Observation", "status": "final", "status": "cancelled"}', "twice"),
+        ],
+        ids=["5000-digit value", "5000-digit id", "deep arrays", "deep objects", "NaN", "duplicate key"],
+    )
+    def test_refused_with_a_reason(self, text: str, expected: str) -> None:
+        outcomes = map_fhir(text, MAPPING)
+        assert 1 == len(outcomes)
+        assert outcomes[0].rejected
+        assert expected in outcomes[0].reason
+
+    def test_a_patient_with_malformed_identifiers_does_not_stop_the_bundle(self) -> None:
+        patient = {"resourceType": "Patient", "id": "p1", "identifier": 5}
+        outcomes = map_fhir(json.dumps(bundle_of(patient, OBSERVATION)), MAPPING)
+        assert [True, False] == [o.skipped for o in outcomes]
+        assert isinstance(outcomes[1].event, Lab)
+
+    @pytest.mark.parametrize(
+        "patient",
+        [
+            {"resourceType": "Patient", "id": "p1", "identifier": [5, {"value": 7}, {"value": ["MRN0001"]}]},
+            {"resourceType": "Patient", "id": 5, "identifier": "MRN0001"},
+        ],
+    )
+    def test_malformed_patient_identifiers_name_nobody(self, patient: dict[str, Any]) -> None:
+        lab = changed(OBSERVATION, subject={"reference": "Patient/p1"})
+        outcomes = map_fhir(json.dumps(bundle_of(patient, lab)), MAPPING)
+        assert "patient not enrolled" in outcomes[1].reason
+
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            {"subject": 5},
+            {"subject": {"reference": 5}},
+            {"code": {"coding": 5}},
+            {"valueQuantity": {"value": 10**400, "code": "10*9/L"}},
+            {"meta": {"versionId": 5}},
+            {"referenceRange": [5]},
+        ],
+    )
+    def test_wrong_shapes_in_an_observation(self, fields: dict[str, Any]) -> None:
+        assert one(changed(OBSERVATION, **fields)).rejected
+
+    def test_an_over_long_term_is_refused_rather_than_published(self) -> None:
+        outcome = one(changed(ADVERSE_EVENT, event={"text": "x" * 600_000}))
+        assert outcome.rejected
+        assert "AdverseEvent.event" in outcome.reason
+        assert len(outcome.reason) < 1_000
+
+    def test_a_long_code_is_not_echoed_whole(self) -> None:
+        outcome = one(changed(OBSERVATION, code={"coding": [{"system": "urn:x", "code": "C" * 600_000}]}))
+        assert "unknown observation code" in outcome.reason
+        assert len(outcome.reason) < 1_000
+
+
+class TestNdjsonLineByLine:
+    """Issue 10, defect 11: one bad NDJSON line is refused with its number; the others go on."""
+
+    def test_a_deeply_nested_line(self) -> None:
+        deep = "[" * 50_000 + "]" * 50_000
+        outcomes = map_fhir("\n".join([json.dumps(OBSERVATION), deep, json.dumps(ADVERSE_EVENT)]), MAPPING)
+        assert ["line 1", "line 2", "line 3"] == [" ".join(o.where.split(" ")[:2]) for o in outcomes]
+        assert [Lab, type(None), AdverseEvent] == [type(o.event) for o in outcomes]
+        assert "nested" in outcomes[1].reason
+
+    def test_an_over_long_line(self) -> None:
+        huge = json.dumps(changed(OBSERVATION, text={"status": "generated", "div": "x" * (MAX_DOCUMENT_CHARS + 1)}))
+        outcomes = map_fhir("\n".join([huge, json.dumps(ADVERSE_EVENT)]), MAPPING)
+        assert [True, False] == [o.rejected for o in outcomes]
+        assert "line 1" == outcomes[0].where
+        assert "characters" in outcomes[0].reason
+
+    def test_a_line_that_is_not_utf8(self) -> None:
+        data = b"\n".join(
+            [json.dumps(OBSERVATION).encode(), b'{"resourceType": "\xff"}', json.dumps(ADVERSE_EVENT).encode()]
+        )
+        outcomes = map_fhir(data, MAPPING)
+        assert [Lab, type(None), AdverseEvent] == [type(o.event) for o in outcomes]
+        assert "not UTF-8" in outcomes[1].reason
+
+    def test_lines_end_at_newline_only(self) -> None:
+        # U+2028 may stand unescaped in a JSON string; str.splitlines() would cut the line there.
+        noted = json.dumps(changed(OBSERVATION, note=[{"text": "see\u2028below"}]), ensure_ascii=False)
+        outcomes = map_fhir("\n".join([noted, json.dumps(ADVERSE_EVENT)]), MAPPING)
+        assert [Lab, AdverseEvent] == [type(o.event) for o in outcomes]
+
+    def test_a_pretty_printed_document_is_refused_once(self) -> None:
+        text = json.dumps(changed(OBSERVATION, valueQuantity={"value": 1e999}), indent=2).replace("Infinity", "1e999")
+        outcomes = map_fhir(text, MAPPING)
+        assert [("resource", True)] == [(o.where, o.rejected) for o in outcomes]
+        assert "out of range" in outcomes[0].reason
+
+    def test_the_command_sends_the_other_lines(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        mapping = tmp_path / "mapping.toml"
+        mapping.write_text('site_id = "SITE-GZ"\n[subjects]\nMRN0001 = "TW-101"\n')
+        path = tmp_path / "in.ndjson"
+        path.write_text("\n".join([json.dumps(OBSERVATION), "[" * 50_000, json.dumps(ADVERSE_EVENT)]) + "\n")
+        caplog.set_level(logging.DEBUG)
+
+        code = main(["fhir", str(path), "--mapping", str(mapping), "--dry-run"])
+
+        out, err = capsys.readouterr()
+        assert 1 == code
+        assert ["trial.labs.v1", "trial.adverse-events.v1"] == [json.loads(line)["topic"] for line in out.splitlines()]
+        assert "line 2: rejected: " in err
+        assert "Traceback" not in err
+        assert "MRN0001" not in out + err + caplog.text
+
+
+class TestNoRecordNumberAnywhere:
+    """Issue 10: nothing the adapter or its libraries log or report carries a record number."""
+
+    MRN = "MRN8675309"
+
+    def documents(self) -> list[str]:
+        mrn = self.MRN
+        patient = {"resourceType": "Patient", "id": mrn, "identifier": [{"value": mrn}, {"value": 5}]}
+        subjects = [
+            {"reference": f"Patient/{mrn}"},
+            {"identifier": {"value": mrn}},
+            {"identifier": {"value": mrn, "period": mrn}},
+            {"reference": f"Patient/{mrn}", "display": 5},
+            {"reference": [mrn]},
+            {"identifier": mrn},
+        ]
+        resources: list[dict[str, Any]] = [patient, {**patient, "identifier": mrn}]
+        for subject in subjects:
+            resources += [changed(OBSERVATION, subject=subject), changed(ADVERSE_EVENT, subject=subject)]
+        texts = [json.dumps(r) for r in resources]
+        return [*texts, json.dumps(bundle_of(*resources)), "\n".join(texts), f'{{"id": "{mrn}", "id": 1}}']
+
+    def test_not_in_logs_outcomes_or_output(
+        self, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        shown = []
+        for text in self.documents():
+            shown += [f"{o.where} {o.reason}" for o in map_fhir(text, MAPPING)]
+        out, err = capsys.readouterr()
+        assert len(shown) > 20
+        assert [] == [line for line in shown if self.MRN in line]
+        assert self.MRN not in out + err + caplog.text

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import math
+import re
 from dataclasses import dataclass
 from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
 from fhir.resources.R4B.adverseevent import AdverseEvent as FhirAdverseEvent
@@ -64,6 +66,27 @@ STATUS_BY_OBSERVATION: dict[str, str] = {
 
 MAPPED = ("Observation", "AdverseEvent")
 
+# Bounds on what is read at all (issue 10). A document is a whole file or one
+# NDJSON line; past these it is refused unread, with the bound as the reason.
+MAX_DOCUMENT_CHARS = 16 * 1024 * 1024
+# JSON nesting: a Bundle entry's Observation is about 10 deep; this leaves room
+# for contained resources and extensions while keeping every later step (the
+# JSON encoder, pydantic, fhir.resources) far from Python's recursion limit.
+MAX_DEPTH = 64
+# Characters of one JSON number: FHIR decimals carry at most 18 digits, and
+# Python refuses to read integers of more than 4,300.
+MAX_NUMBER_CHARS = 40
+# Bounds on what is published: an event field longer than the contract accepts
+# is refused here with a reason rather than sent to be dead-lettered.
+MAX_TERM_CHARS = 200
+# What a refusal quotes of the input (a code, a status), and a refusal's length.
+MAX_QUOTED_CHARS = 60
+MAX_REASON_CHARS = 600
+MAX_PROBLEMS_SHOWN = 3
+# A FHIR id (R4 `id` datatype); anything else is not shown in a location.
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
+
 
 @dataclass(frozen=True)
 class FhirOutcome:
@@ -83,10 +106,18 @@ class _Refused(Exception):
     pass
 
 
-def map_fhir(text: str, mapping: AdapterMapping) -> list[FhirOutcome]:
-    """Map a single resource, a Bundle, or NDJSON (one resource a line) to events, one outcome per resource."""
+class _Unreadable(Exception):
+    """A document that is not read: not JSON, or past one of the bounds above."""
+
+
+def map_fhir(data: str | bytes, mapping: AdapterMapping) -> list[FhirOutcome]:
+    """Map a single resource, a Bundle, or NDJSON (one resource a line) to events, one outcome per resource.
+
+    Total: whatever `data` holds, every resource in it is mapped or refused
+    with a reason, and a bad NDJSON line is refused on its own.
+    """
     outcomes: list[FhirOutcome] = []
-    for where, item in _documents(text):
+    for where, item in _documents(data):
         if isinstance(item, str):
             outcomes.append(FhirOutcome(where, reason=item))
         elif item.get("resourceType") == "Bundle":
@@ -96,23 +127,106 @@ def map_fhir(text: str, mapping: AdapterMapping) -> list[FhirOutcome]:
     return outcomes
 
 
-def _documents(text: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
+def _documents(data: str | bytes) -> list[tuple[str, dict[str, Any] | str]]:
+    """The document, or failing that each NDJSON line: a JSON object, or why it cannot be read."""
     try:
-        whole = json.loads(text)
-    except ValueError:
-        pass
-    else:
-        yield "resource", whole if isinstance(whole, dict) else f"a JSON {type(whole).__name__}, not a resource"
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
+        return [("resource", _object(_parse(_decoded(data))))]
+    except _Unreadable as exc:
+        whole = str(exc)
+    lines: list[tuple[str, dict[str, Any] | str]] = []
+    any_read = False
+    for number, line in enumerate(_lines(data), start=1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield f"line {number}", f"not JSON: {exc.msg}"
-            continue
-        yield f"line {number}", item if isinstance(item, dict) else f"a JSON {type(item).__name__}, not a resource"
+            lines.append((f"line {number}", _object(_parse(_decoded(line)))))
+            any_read = True
+        except _Unreadable as exc:
+            lines.append((f"line {number}", str(exc)))
+    # Not NDJSON either (say a pretty-printed Bundle): one reason, not one a line.
+    return lines if any_read else [("resource", whole)] if lines else []
+
+
+def _lines(data: str | bytes) -> list[str | bytes]:
+    # NDJSON lines end at \n alone: U+2028 and the like may sit inside a JSON string.
+    return [*data.split(b"\n")] if isinstance(data, bytes) else [*data.split("\n")]
+
+
+def _object(value: Any) -> dict[str, Any] | str:
+    return value if isinstance(value, dict) else f"a JSON {type(value).__name__}, not a resource"
+
+
+def _decoded(data: str | bytes) -> str:
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _Unreadable(f"not UTF-8 (byte {exc.start + 1})") from None
+
+
+def _parse(text: str) -> Any:
+    """The one JSON parse: bounded in size, depth and numbers; raises only `_Unreadable`."""
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise _Unreadable(f"larger than {MAX_DOCUMENT_CHARS:,} characters")
+    try:
+        value = json.loads(
+            text, parse_int=_int, parse_float=_float, parse_constant=_constant, object_pairs_hook=_unique_keys
+        )
+    except json.JSONDecodeError as exc:
+        raise _Unreadable(f"not JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise _Unreadable(f"nested deeper than {MAX_DEPTH} levels") from None
+    if _deeper_than(value, MAX_DEPTH):
+        raise _Unreadable(f"nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _Unreadable(f"a number of more than {MAX_NUMBER_CHARS} characters")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _Unreadable(f"a number of more than {MAX_NUMBER_CHARS} characters")
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Unreadable("a number out of range (beyond ±1.8e308)")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise _Unreadable(f"not JSON: {name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        # The key is not named: it is the input's, and could be anything.
+        raise _Unreadable("an object has the same key twice (which one counts is ambiguous)")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests deeper than `limit`, without recursing."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _quoted(value: object) -> str:
+    """A value of the input as a refusal quotes it: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED_CHARS else f"{text[:MAX_QUOTED_CHARS]}…"
 
 
 def _bundle(bundle: dict[str, Any], mapping: AdapterMapping, where: str) -> list[FhirOutcome]:
@@ -125,8 +239,7 @@ def _bundle(bundle: dict[str, Any], mapping: AdapterMapping, where: str) -> list
     for entry in entries:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
-            identifiers = [i.get("value") for i in resource.get("identifier") or [] if isinstance(i, dict)]
-            values = [v for v in identifiers if isinstance(v, str)]
+            values = _patient_identifiers(resource)
             if isinstance(entry.get("fullUrl"), str):
                 patients[entry["fullUrl"]] = values
             if isinstance(resource.get("id"), str):
@@ -143,6 +256,14 @@ def _bundle(bundle: dict[str, Any], mapping: AdapterMapping, where: str) -> list
     return outcomes
 
 
+def _patient_identifiers(patient: dict[str, Any]) -> list[str]:
+    """Patient.identifier[].value, of whatever shape the entry has: the well-formed ones only."""
+    identifiers = patient.get("identifier")
+    if not isinstance(identifiers, list):
+        return []
+    return [i["value"] for i in identifiers if isinstance(i, dict) and isinstance(i.get("value"), str)]
+
+
 def _resource(
     raw: dict[str, Any],
     mapping: AdapterMapping,
@@ -155,20 +276,24 @@ def _resource(
     kind = raw.get("resourceType")
     if kind not in MAPPED:
         # The type alone: a Patient's id may be a record number.
-        label = f"{where} ({kind})" if isinstance(kind, str) else where
-        if isinstance(kind, str) and in_bundle:
+        named = isinstance(kind, str) and RESOURCE_TYPE.fullmatch(kind) is not None
+        label = f"{where} ({kind})" if named else where
+        if named and in_bundle:
             # A Bundle carries Patients, Encounters, ... alongside what we map.
             return FhirOutcome(label, skipped=True, reason=f"{kind} is not mapped (only Observation, AdverseEvent)")
-        return FhirOutcome(label, reason=f"resourceType {kind!r} is not Observation or AdverseEvent")
-    rid = raw.get("id") if isinstance(raw.get("id"), str) else None
-    label = f"{where} {kind}/{rid}" if rid else f"{where} {kind}"
+        return FhirOutcome(label, reason=f"not an Observation or AdverseEvent (resourceType {_quoted(kind)})")
+    rid = raw.get("id")
+    label = f"{where} {kind}/{rid}" if isinstance(rid, str) and FHIR_ID.fullmatch(rid) else f"{where} {kind}"
     try:
         if kind == "Observation":
             event: InputEvent | None = _observation(raw, mapping, patients, full_url)
         else:
             event = _adverse_event(raw, mapping, patients, full_url)
     except _Refused as refused:
-        return FhirOutcome(label, reason=str(refused))
+        reason = str(refused)
+        if len(reason) > MAX_REASON_CHARS:
+            reason = f"{reason[:MAX_REASON_CHARS]}…"
+        return FhirOutcome(label, reason=reason)
     if event is None:
         return FhirOutcome(label, skipped=True, reason="observation code is in ignore_codes")
     return FhirOutcome(label, event)
@@ -179,11 +304,13 @@ def _validated(model: type[Observation] | type[FhirAdverseEvent], raw: dict[str,
         return model.model_validate(raw)
     except ValidationError as exc:
         # No input values: a subject reference or identifier may be in them.
+        errors = exc.errors(include_url=False, include_input=False)
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(resource)'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
+            f"{'.'.join(str(p)[:MAX_QUOTED_CHARS] for p in e['loc']) or '(resource)'}: {e['msg'][:200]}"
+            for e in errors[:MAX_PROBLEMS_SHOWN]
         )
-        raise _Refused(f"not a valid FHIR R4 {model.__name__}: {problems}") from None
+        more = f" (and {len(errors) - MAX_PROBLEMS_SHOWN} more)" if len(errors) > MAX_PROBLEMS_SHOWN else ""
+        raise _Refused(f"not a valid FHIR R4 {model.__name__}: {problems}{more}") from None
 
 
 def _subject(reference: Reference | None, mapping: AdapterMapping, patients: dict[str, list[str]], kind: str) -> str:
@@ -234,7 +361,7 @@ def _time(value: datetime | date | str | None, name: str) -> str:
         if value.tzinfo is None:
             raise _Refused(f"{name} has no UTC offset")
         return value.isoformat()
-    raise _Refused(f"{name} {str(value)!r} is a date without a time; contract v1 needs a date-time with offset")
+    raise _Refused(f"{name} {_quoted(str(value))} is a date without a time; contract v1 needs a date-time with offset")
 
 
 def _validate_event(topic: str, value: dict[str, Any]) -> InputEvent:
@@ -248,6 +375,9 @@ def _observation(
     raw: dict[str, Any], mapping: AdapterMapping, patients: dict[str, list[str]], full_url: str | None
 ) -> Lab | None:
     obs: Observation = _validated(Observation, raw)
+    if obs.code is None:
+        # Required in FHIR, but fhir.resources leaves required elements unchecked.
+        raise _Refused("Observation.code is missing")
     analyte, loinc, ignored = None, None, False
     for coding in obs.code.coding or []:
         if not coding.code:
@@ -260,7 +390,7 @@ def _observation(
     if analyte is None:
         if ignored:
             return None
-        codes = ", ".join(f"{c.system or '(no system)'}|{c.code}" for c in obs.code.coding or []) or "none"
+        codes = ", ".join(_quoted(f"{c.system or '(no system)'}|{c.code}") for c in obs.code.coding or []) or "none"
         raise _Refused(
             f"unknown observation code ({codes}); expected a LOINC code of a monitored analyte, "
             "or a code in the mapping file's local_codes or ignore_codes"
@@ -268,13 +398,13 @@ def _observation(
 
     status = STATUS_BY_OBSERVATION.get(obs.status or "")
     if status is None:
-        raise _Refused(f"Observation.status {obs.status!r} carries no result (expected final, preliminary, ...)")
+        raise _Refused(f"Observation.status {_quoted(obs.status)} carries no result (expected final, preliminary, ...)")
     quantity = obs.valueQuantity
     if quantity is None or quantity.value is None:
         extra = "; a cancelled result must repeat its value (contract v1 requires one)" if status == "cancelled" else ""
         raise _Refused(f"Observation.valueQuantity.value is missing{extra}")
     if quantity.comparator:
-        raise _Refused(f"valueQuantity has comparator {quantity.comparator!r}; only an exact value can be graded")
+        raise _Refused(f"valueQuantity has comparator {_quoted(quantity.comparator)}; only an exact value is graded")
     unit = _unit(quantity.code, quantity.system, quantity.unit, "valueQuantity")
 
     value: dict[str, Any] = {
@@ -283,7 +413,7 @@ def _observation(
         "occurred_at": _time(_effective(obs), "Observation.effectiveDateTime"),
         "source": mapping.source or "fhir",
         "analyte": analyte,
-        "value": float(quantity.value),
+        "value": _finite(quantity.value, "Observation.valueQuantity.value"),
         "unit": unit,
         "status": status,
     }
@@ -297,7 +427,7 @@ def _observation(
             continue
         if (limit.code or limit.unit) and _unit(limit.code, limit.system, limit.unit, "referenceRange") != unit:
             raise _Refused(f"referenceRange.{bound} is in another unit than the value")
-        value[f"ref_{bound}"] = float(limit.value)
+        value[f"ref_{bound}"] = _finite(limit.value, f"referenceRange.{bound}.value")
     stable, event_id = _identity(raw, "Observation", full_url)
     value["event_id"] = event_id
     if stable:
@@ -305,6 +435,13 @@ def _observation(
     event = _validate_event(LABS, value)
     assert isinstance(event, Lab)
     return event
+
+
+def _finite(value: Decimal, where: str) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise _Refused(f"{where} is out of range (beyond ±1.8e308)")
+    return number
 
 
 def _effective(obs: Observation) -> datetime | date | str | None:
@@ -354,7 +491,7 @@ def _serious(ae: FhirAdverseEvent) -> bool:
         return False
     if any(c.startswith("serious") for c in codes):
         return True
-    raise _Refused(f"AdverseEvent.seriousness {codes[0]!r} is neither serious nor non-serious")
+    raise _Refused(f"AdverseEvent.seriousness {_quoted(codes[0])} is neither serious nor non-serious")
 
 
 def _attribution(ae: FhirAdverseEvent) -> str:
@@ -371,19 +508,22 @@ def _attribution(ae: FhirAdverseEvent) -> str:
         if attribution in found:
             return attribution
     if unknown:
-        raise _Refused(f"causality assessment {unknown[0]!r} cannot be mapped to an attribution")
+        raise _Refused(f"causality assessment {_quoted(unknown[0])} cannot be mapped to an attribution")
     raise _Refused("no suspectEntity.causality.assessment: the attribution is required")
 
 
 def _term(ae: FhirAdverseEvent) -> str:
     concept = ae.event
-    if concept is not None:
-        for coding in concept.coding or []:
-            if coding.display:
-                return str(coding.display)
-        if concept.text:
-            return str(concept.text)
-    raise _Refused("AdverseEvent.event has no CTCAE term (coding.display or text)")
+    terms = [str(c.display) for c in (concept.coding or []) if c.display] if concept is not None else []
+    if concept is not None and concept.text:
+        terms.append(str(concept.text))
+    # Free text from a hospital system: white space around it is no part of the term.
+    terms = [term.strip() for term in terms if term.strip()]
+    if not terms:
+        raise _Refused("AdverseEvent.event has no CTCAE term (coding.display or text)")
+    if len(terms[0]) > MAX_TERM_CHARS:
+        raise _Refused(f"AdverseEvent.event term is {len(terms[0]):,} characters, more than {MAX_TERM_CHARS}")
+    return terms[0]
 
 
 def _adverse_event(
@@ -391,7 +531,7 @@ def _adverse_event(
 ) -> AdverseEvent:
     ae: FhirAdverseEvent = _validated(FhirAdverseEvent, raw)
     if ae.actuality != "actual":
-        raise _Refused(f"AdverseEvent.actuality is {ae.actuality!r}: only actual adverse events are reported")
+        raise _Refused(f"AdverseEvent.actuality is {_quoted(ae.actuality)}: only actual adverse events are reported")
     stable, event_id = _identity(raw, "AdverseEvent", full_url)
     value: dict[str, Any] = {
         "event_id": event_id,
