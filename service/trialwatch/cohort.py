@@ -227,6 +227,8 @@ def _subject(index: int, enrolled: date, rng: random.Random, safety_rate: float)
             report = {
                 **report,
                 "grade": min(5, grade + 1),
+                # A fatal adverse event is serious by definition (the contract refuses it otherwise).
+                "serious": report["serious"] or grade + 1 >= 5,
                 "recorded_at": _at(onset + timedelta(days=4), 10).isoformat(),
             }
             s.emit(_at(onset, 13), "trial.adverse-events.v1", **report)

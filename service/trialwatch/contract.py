@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -11,13 +11,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from trialwatch.units import ANALYTE_LOINC, Analyte, unit_fits
+from trialwatch.units import ANALYTE_LOINC, PLAUSIBLE, Analyte, to_canonical, unit_fits
 
 # Topic names are fixed by the v1 contract.
 ENROLLMENT = "trial.enrollment.v1"
@@ -41,6 +42,58 @@ def missing_field(message: str) -> PydanticCustomError:
     return PydanticCustomError("missing_field", message)
 
 
+def implausible(message: str) -> PydanticCustomError:
+    """A well-formed value no real record can have (dead-letter reason `implausible_value`)."""
+    return PydanticCustomError("implausible_value", message)
+
+
+# Bounds on what a hospital can send. Each one keeps the engine's arithmetic
+# total (no overflow, no Decimal precision trap, no date out of range) and
+# every record derived from an input far below Kafka's 1 MB record limit.
+
+# An input record larger than this is refused before it is parsed: the largest
+# real message, a scan with 100 lesions, is about 20 kB.
+MAX_INPUT_BYTES = 64 * 1024
+
+# Identifiers: printable (no control, format or private-use characters), not
+# blank, no leading or trailing white space ("TW-001 " would be a second
+# subject). ECMA-262 and the Rust regex engine read \p{C} the same way.
+IDENTIFIER_PATTERN = r"^[^\p{C}\s](?:[^\p{C}]*[^\p{C}\s])?$"
+# Free text: printable; line breaks and tabs allowed; not blank.
+TEXT_PATTERN = r"^(?:[^\p{C}]|[\t\n\r])*[^\p{C}\s](?:[^\p{C}]|[\t\n\r])*$"
+
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
+SubjectId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
+SiteId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
+# Other identifiers a publisher makes up: results, scans, lesions, adverse events, sources.
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=IDENTIFIER_PATTERN)]
+Note = Annotated[str, StringConstraints(min_length=1, max_length=2000, pattern=TEXT_PATTERN)]
+Source = Identifier
+
+# Clinical times a record of this trial can carry: anything outside is a
+# typo or a placeholder (0001-01-01, 9999-12-31), and would overflow the
+# date arithmetic of the rules (a deadline 14 days after 9999-12-31).
+EARLIEST_CLINICAL_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_CLINICAL_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+# Fields whose upper bound is a plausibility bound (a dose over 30 Gy, a
+# lesion over 50 cm): past it the reason is `implausible_value`.
+PLAUSIBILITY_BOUNDED = frozenset({"fraction", "dose_gy", "diameter_mm"})
+
+# UTC offsets in use on Earth run from -12:00 to +14:00.
+MIN_UTC_OFFSET = timedelta(hours=-12)
+MAX_UTC_OFFSET = timedelta(hours=14)
+
+
+def check_clinical_time(value: datetime, name: str) -> datetime:
+    offset = value.utcoffset()
+    if offset is not None and not MIN_UTC_OFFSET <= offset <= MAX_UTC_OFFSET:
+        raise implausible(f"{name} has UTC offset {value.strftime('%z')}: offsets run from -12:00 to +14:00")
+    if not EARLIEST_CLINICAL_TIME <= value < LATEST_CLINICAL_TIME:
+        raise implausible(f"{name} is outside 2000-01-01 .. 2099-12-31")
+    return value
+
+
 class _Input(BaseModel):
     """Fields every input message carries.
 
@@ -52,12 +105,23 @@ class _Input(BaseModel):
 
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore", allow_inf_nan=False)
 
-    event_id: Annotated[str, Field(min_length=1, max_length=128)]
-    subject_id: Annotated[str, Field(min_length=1, max_length=64)]
-    site_id: Annotated[str, Field(min_length=1, max_length=64)]
+    event_id: EventId
+    subject_id: SubjectId
+    site_id: SiteId
     occurred_at: AwareDatetime
     recorded_at: AwareDatetime | None = None
-    source: str | None = None
+    source: Source | None = None
+
+    @field_validator("occurred_at", "recorded_at")
+    @classmethod
+    def _plausible_time(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        return None if value is None else check_clinical_time(value, str(info.field_name))
+
+    @model_validator(mode="after")
+    def _recorded_after_it_happened(self) -> _Input:
+        if self.recorded_at is not None and self.recorded_at < self.occurred_at:
+            raise implausible("recorded_at is before occurred_at: a record cannot precede what it records")
+        return self
 
     @property
     def recorded_or_occurred_at(self) -> datetime:
@@ -100,10 +164,12 @@ class Treatment(_Input):
 
     kind: TreatmentKind
     regimen: SecondLineRegimen | None = None
-    fraction: Annotated[int, Field(ge=1)] | None = None
-    dose_gy: Annotated[float, Field(gt=0)] | None = None
+    # SBRT for HCC is given in 1 to 15 fractions; conventional courses stay under 40.
+    fraction: Annotated[int, Field(ge=1, le=50)] | None = None
+    # The largest single fractions in use are about 25 Gy.
+    dose_gy: Annotated[float, Field(gt=0, le=30)] | None = None
     reason: WithdrawalReason | None = None
-    note: str | None = None
+    note: Note | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Treatment:
@@ -127,13 +193,15 @@ class Lab(_Input):
     """`trial.labs.v1`: one lab result; `value`, `ref_low`, `ref_high` share `unit`."""
 
     analyte: Analyte
-    loinc: str | None = None
-    value: Annotated[float, Field(ge=0)]
+    loinc: Annotated[str, Field(min_length=1, max_length=16)] | None = None
+    value: Annotated[float, Field(ge=0, description="Plausible range per analyte: schemas/units.json")]
     unit: Annotated[str, Field(min_length=1, max_length=32)]
     ref_low: Annotated[float, Field(ge=0)] | None = None
-    ref_high: Annotated[float, Field(gt=0)] | None = None
+    ref_high: (
+        Annotated[float, Field(gt=0, description="The ULN; plausible range per analyte: schemas/units.json")] | None
+    ) = None
     status: LabStatus = "final"
-    result_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    result_id: Identifier | None = None
 
     @field_validator("unit")
     @classmethod
@@ -159,6 +227,26 @@ class Lab(_Input):
             raise ValueError("ref_low is greater than ref_high")
         return self
 
+    @model_validator(mode="after")
+    def _plausible(self) -> Lab:
+        # In the analyte's canonical unit, so one table serves every unit.
+        bounds = PLAUSIBLE[self.analyte]
+        canonical = bounds.unit
+        if to_canonical(self.analyte, self.value, self.unit) > bounds.value_max:
+            raise implausible(
+                f"value is above the plausible maximum for {self.analyte} ({bounds.value_max} {canonical})"
+            )
+        if self.ref_low is not None and to_canonical(self.analyte, self.ref_low, self.unit) > bounds.uln_max:
+            raise implausible(f"ref_low is above the plausible ULN range for {self.analyte}")
+        if self.ref_high is not None and not (
+            bounds.uln_min <= to_canonical(self.analyte, self.ref_high, self.unit) <= bounds.uln_max
+        ):
+            raise implausible(
+                f"ref_high (the ULN) is outside the plausible range for {self.analyte} "
+                f"({bounds.uln_min}-{bounds.uln_max} {canonical})"
+            )
+        return self
+
     @property
     def result_key(self) -> str:
         """The same result across preliminary, final, corrected and cancelled versions."""
@@ -168,10 +256,11 @@ class Lab(_Input):
 class Lesion(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore", allow_inf_nan=False)
 
-    lesion_id: Annotated[str, Field(min_length=1)]
-    organ: Annotated[str, Field(min_length=1)]
+    lesion_id: Identifier
+    organ: Label
     role: Literal["target", "non_target", "new"]
-    diameter_mm: Annotated[float, Field(ge=0)] | None = None
+    # The largest liver tumours measure about 30 cm.
+    diameter_mm: Annotated[float, Field(ge=0, le=500)] | None = None
     lymph_node: bool = False
     unequivocal_progression: bool = False
 
@@ -185,10 +274,10 @@ class Lesion(BaseModel):
 class Scan(_Input):
     """`trial.scans.v1`: one imaging assessment with its lesion measurements."""
 
-    scan_id: Annotated[str, Field(min_length=1)]
+    scan_id: Identifier
     timepoint: Literal["baseline", "follow_up"]
     modality: Literal["CT", "MRI", "PET-CT"]
-    lesions: list[Lesion]
+    lesions: Annotated[list[Lesion], Field(max_length=100)]
 
     @field_validator("lesions")
     @classmethod
@@ -205,12 +294,19 @@ Attribution = Literal["unrelated", "unlikely", "possible", "probable", "definite
 class AdverseEvent(_Input):
     """`trial.adverse-events.v1`: one adverse event report, or an update of one (same `ae_id`)."""
 
-    ae_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    term: Annotated[str, Field(min_length=1)]
+    ae_id: Identifier | None = None
+    term: Label
     grade: Annotated[int, Field(ge=1, le=5)]
     serious: bool
     attribution: Attribution
-    attributed_to: list[Literal["sbrt", "systemic"]] | None = None
+    attributed_to: Annotated[list[Literal["sbrt", "systemic"]], Field(max_length=2)] | None = None
+
+    @model_validator(mode="after")
+    def _death_is_serious(self) -> AdverseEvent:
+        # ICH E2A: an adverse event that results in death is serious by definition.
+        if self.grade == 5 and not self.serious:
+            raise implausible("grade 5 (death) with serious false: an adverse event resulting in death is serious")
+        return self
 
     @property
     def ae_key(self) -> str:
@@ -324,6 +420,9 @@ RejectReason = Literal[
     "unknown_enum_value",
     "unit_mismatch",
     "invalid_value",
+    "implausible_value",
+    "duplicate_key",
+    "too_large",
     "key_mismatch",
     "processing_error",
 ]

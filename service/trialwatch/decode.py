@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from trialwatch.contract import MODEL_BY_TOPIC, InputEvent, RejectReason
+from trialwatch.contract import MAX_INPUT_BYTES, MODEL_BY_TOPIC, PLAUSIBILITY_BOUNDED, InputEvent, RejectReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +28,17 @@ _REASON_BY_ERROR_TYPE: dict[str, RejectReason] = {
     "timezone_aware": "naive_datetime",
     "literal_error": "unknown_enum_value",
     "enum": "unknown_enum_value",
+    "implausible_value": "implausible_value",
 }
 
+# Field-level errors kept in a dead letter: the first ones say what to fix.
+MAX_ERRORS = 20
+_MAX_TEXT = 300
 
-def _reason_for(error_type: str, message: str) -> RejectReason:
+
+def _reason_for(error_type: str, message: str, loc: tuple[int | str, ...]) -> RejectReason:
+    if error_type in ("less_than_equal", "less_than") and loc and loc[-1] in PLAUSIBILITY_BOUNDED:
+        return "implausible_value"
     if error_type in _REASON_BY_ERROR_TYPE:
         return _REASON_BY_ERROR_TYPE[error_type]
     if error_type.endswith("_type") or error_type.endswith("_parsing"):
@@ -41,12 +48,46 @@ def _reason_for(error_type: str, message: str) -> RejectReason:
     return "invalid_value"
 
 
-def _describe(errors: list[dict[str, Any]]) -> str:
+def _clip(text: str, limit: int = _MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe(errors: list[dict[str, Any]], total: int) -> str:
     parts = []
     for err in errors:
         loc = ".".join(str(p) for p in err["loc"]) or "(message)"
         parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+    more = f"; and {total - len(errors)} more errors" if total > len(errors) else ""
+    return "; ".join(parts) + more
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _DuplicateKey(dup)
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def duplicate_key(payload: bytes | str) -> str | None:
+    """The first key an object of the document repeats, or None.
+
+    JSON parsers disagree on a repeated key (pydantic keeps the last, others
+    the first), so a publisher and the service could read different values:
+    refused. Only called on documents pydantic already parsed (depth-bounded).
+    """
+    try:
+        json.loads(payload, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        return exc.key
+    return None
 
 
 def decode(topic: str, payload: bytes) -> InputEvent | Rejection:
@@ -57,7 +98,11 @@ def decode(topic: str, payload: bytes) -> InputEvent | Rejection:
     """
     model = MODEL_BY_TOPIC.get(topic)
     if model is None:
-        return Rejection("unknown_topic", f"topic {topic!r} is not an input topic of contract v1", [])
+        return Rejection("unknown_topic", f"topic {_clip(topic, 100)!r} is not an input topic of contract v1", [])
+    if len(payload) > MAX_INPUT_BYTES:
+        return Rejection(
+            "too_large", f"value is {len(payload):,} bytes; an input message may have at most {MAX_INPUT_BYTES:,}", []
+        )
     try:
         # One parse on the hot path: pydantic's JSON mode parses and validates
         # together, and strict JSON mode accepts RFC 3339 strings for
@@ -65,26 +110,45 @@ def decode(topic: str, payload: bytes) -> InputEvent | Rejection:
         event: InputEvent = model.model_validate_json(payload)  # type: ignore[assignment]
     except ValidationError as exc:
         return _rejection(exc, payload)
+    repeated = duplicate_key(payload)
+    if repeated is not None:
+        return Rejection(
+            "duplicate_key", f"the key {_clip(repeated, 64)!r} appears twice in one object", [], event.event_id
+        )
     return event
 
 
 def _rejection(exc: ValidationError, payload: bytes) -> Rejection:
     details = exc.errors(include_url=False, include_input=False)
-    errors: list[dict[str, Any]] = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in details]
+    # Bounded: a document can carry thousands of bad fields, and a location
+    # names the publisher's own keys, which can be of any length.
+    errors: list[dict[str, Any]] = [
+        {
+            "loc": [p if isinstance(p, int) else _clip(str(p), 64) for p in e["loc"]],
+            "msg": _clip(e["msg"]),
+            "type": e["type"],
+        }
+        for e in details[:MAX_ERRORS]
+    ]
     first = details[0]
     if first["type"] == "json_invalid":
-        return Rejection("not_json", f"value is not JSON: {first['msg']}", [])
+        return Rejection("not_json", f"value is not JSON: {_clip(first['msg'])}", [])
     if first["type"] == "model_type" and not first["loc"]:
-        kind = type(json.loads(payload)).__name__
-        return Rejection("not_an_object", f"value is a JSON {kind}, not an object", [])
-    raw = json.loads(payload)
-    event_id = raw.get("event_id")
+        return Rejection("not_an_object", "value is JSON but not an object", [])
+    event_id = _event_id(payload)
     return Rejection(
-        _reason_for(first["type"], first["msg"]),
-        _describe(errors),
-        errors,
-        event_id if isinstance(event_id, str) else None,
+        _reason_for(first["type"], first["msg"], first["loc"]), _describe(errors, len(details)), errors, event_id
     )
+
+
+def _event_id(payload: bytes) -> str | None:
+    """The rejected message's `event_id` when it has a sane one, so the publisher can find it."""
+    try:
+        raw = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    event_id = raw.get("event_id") if isinstance(raw, dict) else None
+    return event_id if isinstance(event_id, str) and len(event_id) <= 256 else None
 
 
 def printable(data: bytes | None) -> str | None:

@@ -29,7 +29,7 @@ from trialwatch.contract import (
     Scan,
     Treatment,
 )
-from trialwatch.units import TO_CANONICAL, UNIT_ALIASES
+from trialwatch.units import PLAUSIBLE, TO_CANONICAL, UNIT_ALIASES
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -123,6 +123,20 @@ def units_table() -> dict[str, Any]:
     return {
         "accepted_units": {analyte: sorted(units) for analyte, units in TO_CANONICAL.items()},
         "aliases": dict(sorted(UNIT_ALIASES.items())),
+        "plausible": {
+            analyte: {
+                "unit": bounds.unit,
+                "value_max": float(bounds.value_max),
+                "ref_high_min": float(bounds.uln_min),
+                "ref_high_max": float(bounds.uln_max),
+                "ref_low_max": float(bounds.uln_max),
+            }
+            for analyte, bounds in PLAUSIBLE.items()
+        },
+        "plausible_note": (
+            "Bounds in the analyte's canonical unit; a value in another unit is converted first. "
+            "Outside them a result is dead-lettered with reason implausible_value."
+        ),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal, get_args
 
@@ -131,6 +132,43 @@ ANALYTE_LOINC: dict[str, frozenset[str]] = {
     "creatinine": frozenset({"2160-0", "14682-9"}),
     "inr": frozenset({"6301-6", "34714-6", "38875-1", "46418-0"}),
     "afp": frozenset({"1834-1", "19176-7"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Plausible:
+    """What a real result of an analyte can be, in its canonical unit.
+
+    Wide on purpose: a value outside is a typo, a unit slip or a placeholder,
+    never a patient (the limits sit well beyond the extremes of clinical
+    reports). Outside, a result is dead-lettered as `implausible_value`, so the
+    site hears of it, rather than graded as if it were true.
+    """
+
+    unit: str
+    value_max: Decimal
+    uln_min: Decimal
+    uln_max: Decimal
+
+
+def _plausible(unit: str, value_max: str, uln_min: str, uln_max: str) -> Plausible:
+    return Plausible(unit, Decimal(value_max), Decimal(uln_min), Decimal(uln_max))
+
+
+PLAUSIBLE: dict[str, Plausible] = {
+    "platelets": _plausible("10*9/L", "5000", "100", "1000"),
+    "neutrophils": _plausible("10*9/L", "500", "1", "50"),
+    "wbc": _plausible("10*9/L", "1000", "2", "50"),
+    "hemoglobin": _plausible("g/L", "300", "50", "300"),
+    "total_bilirubin": _plausible("umol/L", "2000", "3", "100"),
+    "alt": _plausible("U/L", "50000", "5", "500"),
+    "ast": _plausible("U/L", "50000", "5", "500"),
+    "alp": _plausible("U/L", "20000", "20", "1000"),
+    "albumin": _plausible("g/L", "100", "10", "100"),
+    "creatinine": _plausible("umol/L", "5000", "20", "500"),
+    "inr": _plausible("{INR}", "30", "0.5", "5"),
+    # Alpha-fetoprotein in HCC can pass 10^6 ng/mL.
+    "afp": _plausible("ng/mL", "10000000", "1", "1000"),
 }
 
 

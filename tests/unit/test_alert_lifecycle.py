@@ -363,9 +363,10 @@ class TestAdverseEventUpdates:
     def test_same_or_lower_severity_update_is_silent(
         self, make: EventFactory, run: EngineRun, first: int, update: int
     ) -> None:
-        run.apply(make.ae(ae_id="AE-1", grade=first, day=0))
+        # Serious throughout: a grade-5 (fatal) event is serious by definition (the contract refuses it otherwise).
+        run.apply(make.ae(ae_id="AE-1", grade=first, serious=True, day=0))
         expected = []
-        assert expected == run.apply(make.ae(ae_id="AE-1", grade=update, day=1))
+        assert expected == run.apply(make.ae(ae_id="AE-1", grade=update, serious=True, day=1))
 
     def test_same_grade_update_is_silent(self, make: EventFactory, run: EngineRun) -> None:
         run.apply(make.ae(ae_id="AE-1", grade=3, day=0))

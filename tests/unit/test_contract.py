@@ -255,7 +255,7 @@ class TestEveryContractEnumValueIsAccepted:
         ids=lambda v: v,
     )
     def test_every_analyte(self, analyte: str, unit: str) -> None:
-        assert analyte == decoded(LABS, analyte=analyte, unit=unit).analyte
+        assert analyte == decoded(LABS, analyte=analyte, unit=unit, value=1).analyte
 
 
 class TestBoundaryValuesAreAccepted:
@@ -269,7 +269,7 @@ class TestBoundaryValuesAreAccepted:
             pytest.param(ENROLLMENT, {"child_pugh_score": 5}, id="child_pugh-5"),
             pytest.param(ENROLLMENT, {"child_pugh_score": 15}, id="child_pugh-15"),
             pytest.param(ADVERSE_EVENTS, {"grade": 1}, id="grade-1"),
-            pytest.param(ADVERSE_EVENTS, {"grade": 5}, id="grade-5"),
+            pytest.param(ADVERSE_EVENTS, {"grade": 5, "serious": True}, id="grade-5"),
             pytest.param(LABS, {"event_id": "e" * 128}, id="event_id-128-chars"),
             pytest.param(LABS, {"event_id": "e"}, id="event_id-1-char"),
             pytest.param(LABS, {"subject_id": "s" * 64}, id="subject_id-64-chars"),

@@ -29,12 +29,16 @@ class TestGrade3Plus:
             pytest.param(2, [], id="grade-2"),
             pytest.param(3, [("ae.grade3plus", "high", 3)], id="grade-3-high"),
             pytest.param(4, [("ae.grade3plus", "critical", 4)], id="grade-4-critical"),
-            pytest.param(5, [("ae.grade3plus", "critical", 5)], id="grade-5-critical"),
         ],
     )
     def test_grade(self, make: EventFactory, apply_all: ApplyAll, grade: int, expected: list[Fired]) -> None:
         actual = fired(apply_all([make.ae(grade=grade, serious=False)]))
         assert expected == actual
+
+    def test_grade_5_is_critical(self, make: EventFactory, apply_all: ApplyAll) -> None:
+        # Grade 5 (death) is serious by definition: the contract refuses it with serious false.
+        actual = fired(apply_all([make.ae(grade=5, serious=True)]))
+        assert ("ae.grade3plus", "critical", 5) in actual
 
     def test_evidence_names_the_report(self, make: EventFactory, apply_all: ApplyAll) -> None:
         event = make.ae(grade=3, serious=False, ae_id="AE-7")

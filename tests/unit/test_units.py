@@ -120,7 +120,8 @@ class TestAliasesResolveToUcum:
 
     @pytest.mark.parametrize(("alias", "code", "analyte"), ALIASES, ids=[f"{a}-{n}" for a, _, n in ALIASES])
     def test_decode_accepts(self, alias: str, code: str, analyte: str) -> None:
-        assert analyte == accepted(analyte=analyte, unit=alias).analyte
+        # A value plausible in every unit of every analyte (75 mg/dL creatinine would not be).
+        assert analyte == accepted(analyte=analyte, unit=alias, value=1).analyte
 
     @pytest.mark.parametrize(
         ("alias", "code"), sorted(_documented_aliases().items()), ids=sorted(_documented_aliases())
@@ -249,7 +250,7 @@ class TestLoincCodes:
 
     @pytest.mark.parametrize(("analyte", "loinc", "unit"), LOINC_CODES, ids=[f"{a}-{c}-{u}" for a, c, u in LOINC_CODES])
     def test_accepted(self, analyte: str, loinc: str, unit: str) -> None:
-        event = accepted(analyte=analyte, loinc=loinc, unit=unit)
+        event = accepted(analyte=analyte, loinc=loinc, unit=unit, value=1)
         assert (analyte, loinc) == (event.analyte, event.loinc)
 
     @pytest.mark.parametrize(("analyte", "loinc", "unit"), FOREIGN_LOINC, ids=[f"{a}-{c}" for a, c, _ in FOREIGN_LOINC])

@@ -1,0 +1,141 @@
+"""Issue 10, defect 4: the contract bounds every field a hospital can send.
+
+Each value here was accepted before: a clinically absurd value must be
+dead-lettered with a reason the site can act on, never graded as if it were
+true (and never reach arithmetic that overflows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.unit.test_contract import encode, message, rejected
+from trialwatch.contract import ADVERSE_EVENTS, ENROLLMENT, LABS, MAX_INPUT_BYTES, SCANS, TREATMENT, Lab
+from trialwatch.decode import MAX_ERRORS, Rejection, decode
+from trialwatch.units import ANALYTES, CANONICAL_UNIT, PLAUSIBLE
+
+FRACTION = {"kind": "sbrt_fraction", "fraction": 1, "dose_gy": 8.0}
+TARGET = {"lesion_id": "L1", "organ": "liver", "role": "target", "diameter_mm": 30.0}
+
+
+@pytest.mark.parametrize(
+    ("topic", "overrides", "reason"),
+    [
+        pytest.param(LABS, {"value": 1.7e308}, "implausible_value", id="platelets-1.7e308"),
+        pytest.param(LABS, {"value": 1.8e308}, "invalid_value", id="platelets-1.8e308-not-finite"),
+        pytest.param(LABS, {"ref_high": 1e-30}, "implausible_value", id="ref_high-1e-30"),
+        pytest.param(LABS, {"ref_high": 1e6}, "implausible_value", id="ref_high-1e6"),
+        pytest.param(LABS, {"analyte": "alp", "unit": "U/L", "value": 1e30}, "implausible_value", id="alp-1e30"),
+        pytest.param(LABS, {"occurred_at": "0001-01-01T00:00:00+00:00"}, "implausible_value", id="year-0001"),
+        pytest.param(LABS, {"occurred_at": "9999-12-31T10:00:00+08:00"}, "implausible_value", id="year-9999"),
+        pytest.param(LABS, {"occurred_at": "2025-03-01T10:00:00-23:59"}, "implausible_value", id="offset--23:59"),
+        pytest.param(LABS, {"occurred_at": "2025-03-01T10:00:00+14:30"}, "implausible_value", id="offset-+14:30"),
+        pytest.param(
+            LABS,
+            {"occurred_at": "2025-03-02T10:00:00+08:00", "recorded_at": "2025-03-01T10:00:00+08:00"},
+            "implausible_value",
+            id="recorded-before-occurred",
+        ),
+        pytest.param(LABS, {"subject_id": " "}, "invalid_value", id="blank-subject"),
+        pytest.param(LABS, {"subject_id": "TW-001\x00"}, "invalid_value", id="nul-in-subject"),
+        pytest.param(LABS, {"subject_id": "TW-001 "}, "invalid_value", id="trailing-space-subject"),
+        pytest.param(LABS, {"site_id": "\x1b[31mSITE"}, "invalid_value", id="escape-in-site"),
+        pytest.param(LABS, {"site_id": "x" * 65}, "invalid_value", id="site-65-chars"),
+        pytest.param(LABS, {"event_id": "e\u202e1"}, "invalid_value", id="rtl-override-in-event_id"),
+        pytest.param(LABS, {"result_id": "r" * 129}, "invalid_value", id="result_id-129-chars"),
+        pytest.param(LABS, {"source": "s" * 5000}, "invalid_value", id="source-5000-chars"),
+        pytest.param(ADVERSE_EVENTS, {"term": "x" * 600_00}, "invalid_value", id="term-60k-chars"),
+        pytest.param(ADVERSE_EVENTS, {"term": "  "}, "invalid_value", id="blank-term"),
+        pytest.param(ADVERSE_EVENTS, {"grade": 5, "serious": False}, "implausible_value", id="grade-5-not-serious"),
+        pytest.param(TREATMENT, {**FRACTION, "dose_gy": 31.0}, "implausible_value", id="dose-31-Gy"),
+        pytest.param(TREATMENT, {**FRACTION, "fraction": 51}, "implausible_value", id="fraction-51"),
+        pytest.param(TREATMENT, {**FRACTION, "note": "n" * 2001}, "invalid_value", id="note-2001-chars"),
+        pytest.param(SCANS, {"lesions": [{**TARGET, "diameter_mm": 1200.0}]}, "implausible_value", id="lesion-1.2-m"),
+        pytest.param(
+            SCANS,
+            {"lesions": [{**TARGET, "lesion_id": f"L{i}"} for i in range(101)]},
+            "invalid_value",
+            id="101-lesions",
+        ),
+    ],
+)
+def test_absurd_values_are_dead_lettered(topic: str, overrides: dict[str, Any], reason: str) -> None:
+    assert reason == rejected(topic, encode(message(topic, **overrides))).reason
+
+
+@pytest.mark.parametrize(
+    ("topic", "overrides"),
+    [
+        pytest.param(LABS, {"occurred_at": "2025-03-01T10:00:00-12:00"}, id="offset--12:00"),
+        pytest.param(LABS, {"occurred_at": "2025-03-01T10:00:00+14:00"}, id="offset-+14:00"),
+        pytest.param(LABS, {"subject_id": "TW 001"}, id="inner-space"),
+        pytest.param(LABS, {"site_id": "医院-广州"}, id="non-ascii-site"),
+        pytest.param(LABS, {"value": 0.5, "unit": "10*9/L"}, id="platelets-0.5"),
+        pytest.param(LABS, {"value": 4999}, id="platelets-4999"),
+        pytest.param(
+            LABS,
+            {"occurred_at": "2025-03-01T10:00:00+08:00", "recorded_at": "2025-03-01T02:00:00+00:00"},
+            id="recorded-same-instant-other-offset",
+        ),
+        pytest.param(ADVERSE_EVENTS, {"grade": 5, "serious": True}, id="grade-5-serious"),
+        pytest.param(TREATMENT, {**FRACTION, "dose_gy": 30.0, "note": "line one\nline two"}, id="dose-30-Gy"),
+        pytest.param(ENROLLMENT, {"age_years": 16}, id="age-16-is-an-eligibility-matter"),
+    ],
+)
+def test_plausible_edges_are_accepted(topic: str, overrides: dict[str, Any]) -> None:
+    result = decode(topic, encode(message(topic, **overrides)))
+    assert not isinstance(result, Rejection), result
+
+
+@pytest.mark.parametrize("analyte", ANALYTES)
+def test_every_analyte_has_a_ceiling_in_its_canonical_unit(analyte: str) -> None:
+    bounds = PLAUSIBLE[analyte]
+    unit = CANONICAL_UNIT[analyte]
+    at_max = decode(LABS, encode(message(LABS, analyte=analyte, unit=unit, value=float(bounds.value_max))))
+    above = decode(LABS, encode(message(LABS, analyte=analyte, unit=unit, value=float(bounds.value_max) * 1.01)))
+    assert isinstance(at_max, Lab)
+    assert "implausible_value" == getattr(above, "reason", None)
+
+
+def test_the_ceiling_applies_after_unit_conversion() -> None:
+    # 3,000 umol/L of bilirubin is implausible; so is 200 mg/dL (3,420 umol/L).
+    result = rejected(LABS, encode(message(LABS, analyte="total_bilirubin", unit="mg/dL", value=200)))
+    assert "implausible_value" == result.reason
+
+
+def test_a_repeated_key_is_refused_not_silently_resolved() -> None:
+    # pydantic keeps the last "value", other parsers the first: the publisher
+    # and the service could disagree on the platelet count.
+    body = encode(message(LABS, value=20)).replace(b'"value": 20', b'"value": 20, "value": 200')
+    result = rejected(LABS, body)
+    assert ("duplicate_key", "evt-0001") == (result.reason, result.event_id)
+
+
+def test_a_repeated_key_in_a_nested_object_is_refused() -> None:
+    body = encode(message(SCANS)).replace(b'"role": "target"', b'"role": "target", "role": "new"')
+    assert "duplicate_key" == rejected(SCANS, body).reason
+
+
+def test_an_oversize_record_is_refused_before_parsing() -> None:
+    body = encode(message(LABS, source="s")).replace(b'"s"', b'"' + b"s" * MAX_INPUT_BYTES + b'"')
+    result = rejected(LABS, body)
+    assert "too_large" == result.reason
+    assert len(result.detail) < 200
+
+
+def test_thousands_of_errors_give_a_bounded_rejection() -> None:
+    lesions = [{"role": "nope", "lesion_id": "", "organ": ""} for _ in range(80)]
+    result = rejected(SCANS, encode(message(SCANS, lesions=lesions)))
+    assert len(result.errors) <= MAX_ERRORS
+    assert "more errors" in result.detail
+
+
+def test_deep_nesting_is_refused_not_a_crash() -> None:
+    result = rejected(LABS, b'{"value": ' + b"[" * 50_000)
+    assert "not_json" == result.reason
+
+
+def test_plausible_table_covers_every_analyte_in_its_canonical_unit() -> None:
+    assert {a: CANONICAL_UNIT[a] for a in ANALYTES} == {a: b.unit for a, b in PLAUSIBLE.items()}
