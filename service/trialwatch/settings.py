@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from trialwatch.protocol import DEFAULT_PROTOCOL_PATH
+
+# A bearer token shorter than this is guessable, not a secret (`openssl rand -hex 32` gives 64).
+MIN_TOKEN_CHARS = 32
 
 
 class Settings(BaseSettings):
@@ -18,7 +21,8 @@ class Settings(BaseSettings):
     and the Kafka launcher share it.
     """
 
-    model_config = SettingsConfigDict(env_prefix="TRIALWATCH_", frozen=True, extra="ignore")
+    # Errors never echo their input: a refused token must not reach the logs.
+    model_config = SettingsConfigDict(env_prefix="TRIALWATCH_", frozen=True, extra="ignore", hide_input_in_errors=True)
 
     bootstrap_servers: str = Field(
         default="127.0.0.1:9092",
@@ -95,6 +99,31 @@ class Settings(BaseSettings):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         return value
+
+    @field_validator("dsmb_token", "masked_token")
+    @classmethod
+    def _token_is_a_secret(cls, token: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if token is None:
+            return None
+        value, name = token.get_secret_value(), f"TRIALWATCH_{str(info.field_name).upper()}"
+        if not (value.isascii() and value.isprintable()) or " " in value:
+            raise ValueError(f"{name} must be printable ASCII without spaces, as a bearer token in a header is")
+        if len(value) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"{name} has {len(value)} characters: a bearer token needs at least {MIN_TOKEN_CHARS} characters "
+                "to be a secret (e.g. `openssl rand -hex 32`)"
+            )
+        return token
+
+    @model_validator(mode="after")
+    def _a_token_per_role(self) -> Settings:
+        dsmb, masked = self.dsmb_token, self.masked_token
+        if dsmb is not None and masked is not None and dsmb.get_secret_value() == masked.get_secret_value():
+            # Whoever holds it would be both blinded and unblinded: refuse rather than guess a role.
+            raise ValueError(
+                "TRIALWATCH_DSMB_TOKEN and TRIALWATCH_MASKED_TOKEN are the same token; each role needs its own"
+            )
+        return self
 
     @field_validator("webhook_urls", "escalation_webhook_urls", mode="before")
     @classmethod

@@ -40,7 +40,7 @@ class TestWebhooksEscalationAndAcks:
     ) -> None:
         receiver = WebhookReceiver(SECRET, subject_prefix)
         await receiver.start()
-        dsmb, masked = secrets.token_hex(8), secrets.token_hex(8)
+        dsmb, masked = secrets.token_hex(32), secrets.token_hex(32)
         worker = worker_factory(
             TRIALWATCH_WEBHOOK_URLS=receiver.url("/primary"),
             TRIALWATCH_ESCALATION_WEBHOOK_URLS=receiver.url("/escalation"),
@@ -206,6 +206,33 @@ class TestReceiverDown:
             third.stop()
         finally:
             await receiver.stop()
+
+
+class TestApiConnections:
+    """The worker's web server as a slow or unauthorised client meets it (issue 10, defect 10)."""
+
+    async def test_no_body_is_awaited_without_a_token_and_partial_headers_are_dropped(
+        self, worker_factory: Any
+    ) -> None:
+        from trialwatch.dsmb.web import READ_TIMEOUT_S
+
+        worker = worker_factory(TRIALWATCH_DSMB_TOKEN=secrets.token_hex(32))
+        worker.start()
+        # A POST announcing 1 MiB, without a token, sending no body: answered at once.
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+        writer.write(b"POST /alerts/x/ack HTTP/1.1\r\nHost: t\r\nContent-Length: 1048575\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert b"401" == status_line.split()[1]
+
+        # A partial request line is not held: closed, unanswered, within the read timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+        started = time.monotonic()
+        writer.write(b"GET /alerts HTT")
+        assert b"" == await asyncio.wait_for(reader.read(), READ_TIMEOUT_S + 10)
+        writer.close()
+        assert time.monotonic() - started < READ_TIMEOUT_S + 3
+        assert 0 == worker.stop()
 
 
 def _metric(text: str, prefix: str) -> float:

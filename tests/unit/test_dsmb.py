@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from pydantic import SecretStr, ValidationError
 
 from trialwatch.contract import ALERT_ACKS, TREATMENT, AlertAck, AlertMessage, mask, reveals_arm
 from trialwatch.decode import Rejection, decode
-from trialwatch.dsmb.api import DsmbApi, Role
+from trialwatch.dsmb.api import DsmbApi, Role, body_of
 from trialwatch.dsmb.book import AlertBook, Delivery, ack_id
 from trialwatch.dsmb.notify import Receiver, backoff_s, delivery_id, owed, sign, verify
 from trialwatch.dsmb.service import DsmbFeed
@@ -23,8 +24,9 @@ if TYPE_CHECKING:
     from tests.unit.conftest import ApplyAll, EventFactory
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
-DSMB_TOKEN = "dsmb-token-7f3a"
-MASKED_TOKEN = "masked-token-91c2"
+# Made-up tokens of a realistic length (Settings refuses fewer than 32 characters).
+DSMB_TOKEN = "dsmb-token-7f3a0c1e9b2d4a6f8e0c1b3d5f7a9c2e"
+MASKED_TOKEN = "masked-token-91c2d4e6f8a0b2c4d6e8f0a1b3c5d7e9"
 PRIMARY = (Receiver("primary", "http://dsmb.example/hook"), Receiver("primary", "http://pager.example/hook"))
 ESCALATION = (Receiver("escalation", "http://chair.example/hook"),)
 HOUR = timedelta(hours=1)
@@ -310,7 +312,7 @@ class TestApiAccess:
             "list": lambda: api.list_alerts(auth, {}),
             "detail": lambda: api.get_alert(auth, alerts[0].alert_id),
             "ack": lambda: asyncio.run(
-                api.ack(auth, alerts[0].alert_id, ack_body(api, alerts[0].alert_id, acknowledged_by="x"))
+                api.ack(auth, alerts[0].alert_id, body_of(ack_body(api, alerts[0].alert_id, acknowledged_by="x")))
             ),
         }
         assert 403 == _reply(calls[endpoint]).status
@@ -400,7 +402,7 @@ class TestAcknowledge:
             api.ack(
                 bearer(DSMB_TOKEN),
                 target.alert_id,
-                ack_body(api, target.alert_id, acknowledged_by="Dr Lin", comment="seen"),
+                body_of(ack_body(api, target.alert_id, acknowledged_by="Dr Lin", comment="seen")),
             )
         )
         assert 201 == reply.status
@@ -413,12 +415,10 @@ class TestAcknowledge:
 
     def test_acknowledging_twice_writes_once_and_returns_the_first(self, api_parts: Any) -> None:
         api, _, publisher, alerts = api_parts
-        first = asyncio.run(
-            api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Lin"))
-        )
-        again = asyncio.run(
-            api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Wu"))
-        )
+        first_body = body_of(ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Lin"))
+        first = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, first_body))
+        again_body = body_of(ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Wu"))
+        again = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, again_body))
         assert (201, 200) == (first.status, again.status)
         assert "Dr Lin" == again.body["acknowledgement"]["acknowledged_by"]
         assert 1 == len(publisher.sent)
@@ -426,7 +426,7 @@ class TestAcknowledge:
     def test_unknown_alert_is_404_and_nothing_is_written(self, api_parts: Any) -> None:
         api, _, publisher, _ = api_parts
         reply = asyncio.run(
-            api.ack(bearer(DSMB_TOKEN), "no-such-alert", b'{"revision": 1, "acknowledged_by": "Dr Lin"}')
+            api.ack(bearer(DSMB_TOKEN), "no-such-alert", body_of(b'{"revision": 1, "acknowledged_by": "Dr Lin"}'))
         )
         assert (404, []) == (reply.status, publisher.sent)
 
@@ -444,7 +444,7 @@ class TestAcknowledge:
     )
     def test_bad_body_is_400(self, api_parts: Any, body: bytes) -> None:
         api, _, publisher, alerts = api_parts
-        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, body))
+        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), alerts[0].alert_id, body_of(body)))
         assert (400, []) == (reply.status, publisher.sent)
 
     def test_a_state_the_member_did_not_see_is_not_acknowledged(self, api_parts: Any) -> None:
@@ -453,7 +453,7 @@ class TestAcknowledge:
         platelets = [a for a in alerts if a.rule == "lab.platelets.low"]
         assert [1, 2] == [a.revision for a in platelets][:2]
         stale = json.dumps({"revision": 1, "acknowledged_by": "Dr Lin"}).encode()
-        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), platelets[0].alert_id, stale))
+        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), platelets[0].alert_id, body_of(stale)))
         assert (409, []) == (reply.status, publisher.sent)
         assert "revision 2" in reply.body["error"]
 
@@ -463,7 +463,7 @@ class TestAcknowledge:
         feed.dsmb.add_alert(raw(alert(3, status="resolved")))
         api = DsmbApi(feed, FakePublisher(), Metrics(_registry()), {Role.DSMB: SecretStr(DSMB_TOKEN)})
         body = json.dumps({"revision": 3, "acknowledged_by": "Dr Lin"}).encode()
-        assert 409 == asyncio.run(api.ack(bearer(DSMB_TOKEN), "alert-1", body)).status
+        assert 409 == asyncio.run(api.ack(bearer(DSMB_TOKEN), "alert-1", body_of(body))).status
 
     def test_a_wrong_record_on_the_masked_topic_is_not_served(self, api_parts: Any) -> None:
         api, feed, _, _ = api_parts
@@ -480,7 +480,9 @@ class TestAcknowledge:
         with pytest.raises(ConnectionError):
             asyncio.run(
                 api.ack(
-                    bearer(DSMB_TOKEN), alerts[0].alert_id, ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Lin")
+                    bearer(DSMB_TOKEN),
+                    alerts[0].alert_id,
+                    body_of(ack_body(api, alerts[0].alert_id, acknowledged_by="Dr Lin")),
                 )
             )
         history = feed.dsmb.get(alerts[0].alert_id)
@@ -514,3 +516,194 @@ class TestSettings:
         settings = Settings(dsmb_token=SecretStr(DSMB_TOKEN), masked_token=SecretStr(MASKED_TOKEN))
         assert DSMB_TOKEN not in repr(settings)
         assert MASKED_TOKEN not in str(settings)
+
+
+# ---------------------------------------------------------------------------
+# Defect 10 of issue 10: the API as an attacker meets it.
+
+READ_TIMEOUT_S = 0.5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def served(api_parts: Any) -> Any:
+    """The real views of dsmb/web.py on Faust's aiohttp server (no Kafka), on a free port."""
+    import faust
+
+    from trialwatch.dsmb import web as dsmb_web
+
+    port = _free_port()
+    app = faust.App(f"dsmb-web-{port}", broker="kafka://127.0.0.1:1", web_bind="127.0.0.1", web_port=port)
+    dsmb_web.register(app, api_parts[0], read_timeout_s=READ_TIMEOUT_S)
+    await app.web.start_server()
+    try:
+        yield port
+    finally:
+        await app.web.stop_server()
+
+
+async def _status_of(port: int, request: bytes, timeout_s: float = 2.0) -> int:
+    """Send `request` as raw bytes (possibly announcing a body it never sends); the status the server answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+def _post_ack(authorization: str | None, length: int, alert_id: str = "alert-x") -> bytes:
+    auth = f"Authorization: {authorization}\r\n" if authorization is not None else ""
+    return f"POST /alerts/{alert_id}/ack HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {length}\r\n\r\n".encode()
+
+
+class TestApiUnderAttack:
+    @pytest.mark.parametrize(
+        ("authorization", "status"),
+        [(None, 401), (f"Bearer {DSMB_TOKEN}x", 401), (f"Bearer {MASKED_TOKEN}", 403)],
+        ids=["no-token", "wrong-token", "masked-token"],
+    )
+    async def test_without_a_dsmb_token_the_body_is_never_waited_for(
+        self, served: int, authorization: str | None, status: int
+    ) -> None:
+        """A caller without the DSMB token announces 1 MiB and sends none of it: answered at once, not read."""
+        assert status == await _status_of(served, _post_ack(authorization, 1024 * 1024 - 1))
+
+    @pytest.mark.parametrize("authorization", [None, f"Bearer {DSMB_TOKEN}x", f"Bearer {MASKED_TOKEN}"])
+    def test_the_body_reader_is_not_called_before_the_token_is_checked(
+        self, api_parts: Any, authorization: str | None
+    ) -> None:
+        api, _, publisher, alerts = api_parts
+        calls: list[int] = []
+
+        async def reader(limit: int) -> bytes:
+            calls.append(limit)
+            return b'{"revision": 1, "acknowledged_by": "x"}'
+
+        assert _reply(lambda: asyncio.run(api.ack(authorization, alerts[0].alert_id, reader))).status in (401, 403)
+        assert ([], []) == (calls, publisher.sent)
+
+    async def test_an_ack_body_past_the_limit_is_413_without_reading_it(self, served: int) -> None:
+        assert 413 == await _status_of(served, _post_ack(bearer(DSMB_TOKEN), 64 * 1024))
+
+    async def test_a_chunked_ack_body_past_the_limit_is_413(self, served: int) -> None:
+        head = _post_ack(bearer(DSMB_TOKEN), 0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+        chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+        assert 413 == await _status_of(served, head + chunk * 4)
+
+    async def test_a_body_that_stops_arriving_is_408(self, served: int) -> None:
+        request = _post_ack(bearer(DSMB_TOKEN), 100) + b'{"revision": 1,'
+        assert 408 == await _status_of(served, request, timeout_s=READ_TIMEOUT_S + 2)
+
+    async def test_a_connection_that_never_completes_its_headers_is_closed(self, served: int) -> None:
+        """Slowloris: a partial request line held open. aiohttp's own default kept it for 3630 s."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", served)
+        try:
+            writer.write(b"GET /alerts HTT")
+            await writer.drain()
+            assert b"" == await asyncio.wait_for(reader.read(), READ_TIMEOUT_S + 2), "closed without an answer"
+        finally:
+            writer.close()
+
+    async def test_headers_trickled_byte_by_byte_do_not_extend_the_time(self, served: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            for byte in b"GET /alerts HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"x" * 1000:
+                if reader.at_eof() or loop.time() - started > READ_TIMEOUT_S + 2:
+                    break
+                with contextlib.suppress(ConnectionError):
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                await asyncio.sleep(0.05)
+            assert reader.at_eof(), "still open while the headers trickle in"
+            assert loop.time() - started < READ_TIMEOUT_S + 1
+        finally:
+            writer.close()
+
+    @pytest.mark.parametrize("revision", ['"1"', "1.0", "true", "1e0", "[1]"])
+    def test_revision_is_a_json_integer_only(self, api_parts: Any, revision: str) -> None:
+        api, feed, publisher, _ = api_parts
+        [target] = [h.current.alert_id for h in feed.dsmb.alerts.values() if h.current.revision == 1][:1]
+        body = f'{{"revision": {revision}, "acknowledged_by": "Dr Lin"}}'.encode()
+        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), target, body_of(body)))
+        assert (400, []) == (reply.status, publisher.sent)
+        valid = body_of(body.replace(revision.encode(), b"1"))
+        assert 201 == asyncio.run(api.ack(bearer(DSMB_TOKEN), target, valid)).status
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b'{"revision": 2, "revision": 1, "acknowledged_by": "Dr Lin"}',
+            b'{"revision": 1, "acknowledged_by": "Dr\\u0000Lin"}',
+            b'{"revision": 1, "acknowledged_by": "Dr \\ud800"}',
+            b'{"revision": 1, "acknowledged_by": "Dr Lin", "comment": "\\u001b[31m"}',
+        ],
+        ids=["duplicate-key", "nul", "lone-surrogate", "escape-sequence"],
+    )
+    def test_an_ack_the_audit_trail_could_not_hold_as_meant_is_400(self, api_parts: Any, body: bytes) -> None:
+        api, feed, publisher, _ = api_parts
+        [target] = [h.current.alert_id for h in feed.dsmb.alerts.values() if h.current.revision == 1][:1]
+        reply = asyncio.run(api.ack(bearer(DSMB_TOKEN), target, body_of(body)))
+        assert (400, []) == (reply.status, publisher.sent)
+
+    def test_a_comment_may_have_lines(self, api_parts: Any) -> None:
+        api, feed, _, _ = api_parts
+        [target] = [h.current.alert_id for h in feed.dsmb.alerts.values() if h.current.revision == 1][:1]
+        body = b'{"revision": 1, "acknowledged_by": "Dr Lin", "comment": "seen\\n\\tcalled the site"}'
+        assert 201 == asyncio.run(api.ack(bearer(DSMB_TOKEN), target, body_of(body))).status
+
+    def test_one_token_for_two_roles_is_refused(self, api_parts: Any) -> None:
+        _, feed, publisher, _ = api_parts
+        with pytest.raises(ValueError, match="own"):
+            DsmbApi(feed, publisher, Metrics(_registry()), {r: SecretStr(DSMB_TOKEN) for r in Role})
+
+
+class TestTokenSettings:
+    @pytest.mark.parametrize("field", ["dsmb_token", "masked_token"])
+    @pytest.mark.parametrize("token", ["K3", "dsmb-token-7f3a", "0123456789abcdef0123456789abcde"])
+    def test_a_token_too_short_to_be_a_secret_is_refused_at_start(self, field: str, token: str) -> None:
+        with pytest.raises(ValidationError, match="at least 32 characters") as refused:
+            Settings(**{field: SecretStr(token)})
+        assert token not in str(refused.value), "the refusal must not print the token"
+
+    def test_a_short_token_from_the_environment_is_refused_without_printing_it(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("TRIALWATCH_DSMB_TOKEN", "hunter2-hunter2")
+        with pytest.raises(ValidationError, match="TRIALWATCH_DSMB_TOKEN has 15 characters") as refused:
+            Settings()
+        assert "hunter2" not in str(refused.value)
+
+    def test_the_same_token_for_both_roles_is_refused_at_start(self) -> None:
+        token = SecretStr("0123456789abcdef0123456789abcdef01234567")
+        with pytest.raises(ValidationError, match="the same token") as refused:
+            Settings(dsmb_token=token, masked_token=token)
+        assert token.get_secret_value() not in str(refused.value)
+
+    @pytest.mark.parametrize("token", [" " + "a" * 40, "a" * 20 + " " + "a" * 20, "a" * 40 + "\x00", "é" * 40])
+    def test_a_token_no_header_could_carry_is_refused(self, token: str) -> None:
+        with pytest.raises(ValidationError, match="printable"):
+            Settings(dsmb_token=SecretStr(token))
+
+    def test_long_distinct_tokens_are_accepted(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("TRIALWATCH_DSMB_TOKEN", "d" * 32)
+        monkeypatch.setenv("TRIALWATCH_MASKED_TOKEN", "m" * 64)
+        settings = Settings()
+        assert settings.dsmb_token is not None
+        assert settings.masked_token is not None
+        assert ("d" * 32, "m" * 64) == (
+            settings.dsmb_token.get_secret_value(),
+            settings.masked_token.get_secret_value(),
+        )

@@ -3,19 +3,25 @@
 Roles: `dsmb` (unblinded: the DSMB stream, acknowledgements, deliveries) and
 `masked` (blinded, read-only: the masked stream only). A dsmb token may read
 the masked view too; a masked token gets 403 everywhere else.
+
+The caller's role is settled before a byte of a request body is read, and an
+acknowledgement body is read through a `BodyReader` that stops at
+`MAX_ACK_BODY_BYTES`: a caller without the DSMB token never makes the server
+wait for, or hold, a body.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Mapping
+import unicodedata
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from trialwatch.contract import AlertMessage, MaskedAlertMessage, reveals_arm
 from trialwatch.dsmb.book import AlertBook, AlertHistory
@@ -48,15 +54,78 @@ class Denied(Exception):
         self.reply = reply
 
 
+# An acknowledgement is a revision, a name and a comment: a few hundred bytes.
+MAX_ACK_BODY_BYTES = 16 * 1024
+
+
+class BodyRefused(Exception):
+    """The request body was not read as sent: too large (413), too slow (408) or malformed (400)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+BodyReader = Callable[[int], Awaitable[bytes]]
+"""Reads the request body, at most `limit` bytes (the argument); raises BodyRefused past it."""
+
+
+def body_of(data: bytes) -> BodyReader:
+    """A BodyReader over a body already in memory (tests, the fuzz suite), with the same limit."""
+
+    async def read(limit: int) -> bytes:
+        if len(data) > limit:
+            raise BodyRefused(413, f"the body is limited to {limit} bytes")
+        return data
+
+    return read
+
+
+def _printable(allowed: str = "") -> AfterValidator:
+    """Refuse control characters (other than `allowed`) and lone surrogates: no place in an audit trail."""
+
+    def check(text: str) -> str:
+        if any(unicodedata.category(c) in ("Cc", "Cs") and c not in allowed for c in text):
+            raise ValueError("control characters are not allowed")
+        return text
+
+    return AfterValidator(check)
+
+
 class AckRequest(BaseModel):
     """Body of `POST /alerts/{alert_id}/ack`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `revision` is a JSON integer, never "1", 1.0 or true.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # The state the member saw: a newer one (the severity rose) is not acknowledged unseen.
     revision: int = Field(ge=1)
-    acknowledged_by: str = Field(min_length=1, max_length=128, pattern=r"\S")
-    comment: str | None = Field(default=None, max_length=2000)
+    acknowledged_by: Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S"), _printable()]
+    comment: Annotated[str, Field(max_length=2000), _printable("\n\r\t")] | None = None
+
+
+def _duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key appears twice")
+    return dict(pairs)
+
+
+def parse_ack(body: bytes) -> AckRequest | Reply:
+    """The acknowledgement in `body`, or the 400 reply saying what is wrong with it."""
+    try:
+        request = AckRequest.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        return _error(400, f"invalid acknowledgement: {problems[:1000]}")
+    try:
+        # Valid above, so a flat object of scalars: safe for the stdlib parser.
+        json.loads(body, object_pairs_hook=_duplicate_keys)
+    except ValueError:
+        # With a duplicate key the last would silently win: which revision was meant?
+        return _error(400, "invalid acknowledgement: a key appears twice")
+    return request
 
 
 def _error(status: int, message: str, **headers: str) -> Reply:
@@ -79,6 +148,9 @@ class DsmbApi:
         self.metrics = metrics
         # Encoded once; a role without a token cannot be reached at all.
         self._tokens = {role: t.get_secret_value().encode() for role, t in tokens.items() if t is not None}
+        if len(set(self._tokens.values())) != len(self._tokens):
+            # One token, two roles: which one is the caller? (Settings refuses this too.)
+            raise ValueError("each role needs a token of its own")
         self.clock = clock
 
     def authorize(self, authorization: str | None, allowed: frozenset[Role]) -> Role:
@@ -142,13 +214,16 @@ class DsmbApi:
             },
         )
 
-    async def ack(self, authorization: str | None, alert_id: str, body: bytes) -> Reply:
+    async def ack(self, authorization: str | None, alert_id: str, read_body: BodyReader) -> Reply:
+        # Who is asking is settled first: the body is read for the DSMB role only.
         self.authorize(authorization, DSMB_ONLY)
         try:
-            request = AckRequest.model_validate_json(body or b"{}")
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-            return _error(400, f"invalid acknowledgement: {problems}")
+            body = await read_body(MAX_ACK_BODY_BYTES)
+        except BodyRefused as refused:
+            return _error(refused.status, refused.message)
+        request = parse_ack(body)
+        if isinstance(request, Reply):
+            return request
         try:
             ack, new = await acknowledge(
                 self.feed,

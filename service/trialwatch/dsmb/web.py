@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
+import warnings
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 
 import faust
+from aiohttp import web as aiohttp_web
+from faust.exceptions import AlreadyConfiguredWarning
 from faust.web import Request, Response, View
 
-from trialwatch.dsmb.api import Denied, DsmbApi, Reply
+from trialwatch.dsmb.api import BodyReader, BodyRefused, Denied, DsmbApi, Reply
+
+# How long a client may take to send a request's headers (from connecting, or
+# from its previous answer) and, separately, an acknowledgement's body.
+READ_TIMEOUT_S = 10.0
 
 PAGE = files("trialwatch.dsmb").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -36,8 +44,59 @@ _PAGE_HEADERS = {
 _API_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 
-def register(app: faust.App, api: DsmbApi) -> None:
-    """Mount `/`, `/alerts`, `/alerts/{alert_id}`, `/alerts/{alert_id}/ack` and the `/masked/alerts` view."""
+def close_slow_connections(app: faust.App, timeout_s: float) -> None:
+    """Make the worker's aiohttp server drop a connection that has no complete request `timeout_s` after it opened.
+
+    aiohttp has no header-read timeout, but its keep-alive timer starts when a
+    connection opens and closes it if no complete request (request line and
+    headers) has arrived when it fires; partial headers do not reset it. Its
+    default is 3630 s, so a client sending a partial request line held the
+    connection an hour. Faust passes `web_application_options` to aiohttp's
+    `Application`, whose `handler_args` reach every connection's handler.
+    """
+    if "web" in vars(app):
+        # The aiohttp Application exists already: the options would be ignored.
+        raise RuntimeError("close_slow_connections must run before the Faust web server is created")
+    options = dict(app.conf.web_application_options or {})
+    options["handler_args"] = {**options.get("handler_args", {}), "keepalive_timeout": timeout_s}
+    with warnings.catch_warnings():
+        # Faust warns when a key is set after being read. Its only other reader
+        # is the web driver, which does not exist yet (checked above).
+        warnings.simplefilter("ignore", AlreadyConfiguredWarning)
+        app.conf.web_application_options = options
+
+
+def body_reader(request: Request, timeout_s: float) -> BodyReader:
+    """Reads the body only when called (after the caller's token is checked), up to its limit, within `timeout_s`."""
+    req = cast(aiohttp_web.Request, request)
+
+    async def read(limit: int) -> bytes:
+        if req.content_length is not None and req.content_length > limit:
+            raise BodyRefused(413, f"the body is limited to {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                while chunk := await req.content.readany():
+                    size += len(chunk)
+                    if size > limit:  # chunked, or compressed: counted as it arrives
+                        raise BodyRefused(413, f"the body is limited to {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BodyRefused(408, f"the body did not arrive within {timeout_s:g} s") from None
+        except aiohttp_web.RequestPayloadError:
+            raise BodyRefused(400, "the body could not be read (bad chunked or compressed encoding)") from None
+        return b"".join(chunks)
+
+    return read
+
+
+def register(app: faust.App, api: DsmbApi, *, read_timeout_s: float = READ_TIMEOUT_S) -> None:
+    """Mount `/`, `/alerts`, `/alerts/{alert_id}`, `/alerts/{alert_id}/ack` and the `/masked/alerts` view.
+
+    Called before anything creates the app's web server (see `close_slow_connections`).
+    """
+    close_slow_connections(app, read_timeout_s)
 
     def answer(view: View, endpoint: str, call: Any) -> Response:
         try:
@@ -71,9 +130,8 @@ def register(app: faust.App, api: DsmbApi) -> None:
     @app.page("/alerts/{alert_id}/ack")
     class Acknowledge(View):
         async def post(self, request: Request, alert_id: str) -> Response:
-            body = await request.read()
             try:
-                reply = await api.ack(auth(request), alert_id, body)
+                reply = await api.ack(auth(request), alert_id, body_reader(request, read_timeout_s))
             except Denied as denied:
                 reply = denied.reply
             return answer(self, "ack", lambda: reply)
