@@ -429,6 +429,12 @@ RejectReason = Literal[
 """Why an input was rejected; a small fixed set, so it is also a metric label."""
 
 
+# A dead letter carries the start of a rejected value, never all of it: the
+# value may be as large as the broker accepts, and the dead letter (with its
+# JSON escaping and metadata) must still fit.
+DEAD_LETTER_EXCERPT_BYTES = 16 * 1024
+
+
 class DeadLetter(BaseModel):
     """A rejected input message on `trial.deadletter.v1`, with what a publisher needs to fix it."""
 
@@ -442,7 +448,18 @@ class DeadLetter(BaseModel):
     topic: str
     partition: int
     offset: int
-    key: str | None = Field(description="The record key as UTF-8 text (or base64: when not UTF-8)")
-    payload: str = Field(description="The original value as UTF-8 text (or base64: when not UTF-8)")
+    key: str | None = Field(
+        description="The record key as UTF-8 text (or base64: when not UTF-8), at most 256 bytes of it"
+    )
+    payload: str = Field(
+        description=(
+            "The original value as UTF-8 text (or base64: when not UTF-8); "
+            f"only its first {DEAD_LETTER_EXCERPT_BYTES:,} bytes when it is longer (see payload_truncated): "
+            "the whole record stays on its topic at topic/partition/offset"
+        )
+    )
+    payload_bytes: int | None = Field(default=None, description="Length of the original value in bytes")
+    payload_sha256: str | None = Field(default=None, description="SHA-256 of the original value, hex")
+    payload_truncated: bool = Field(default=False, description="payload holds only the start of the value")
     event_id: str | None = None
     rejected_at: AwareDatetime

@@ -151,6 +151,20 @@ def _event_id(payload: bytes) -> str | None:
     return event_id if isinstance(event_id, str) and len(event_id) <= 256 else None
 
 
+def excerpt(data: bytes | None, limit: int) -> tuple[str | None, bool]:
+    """`printable` of at most the first `limit` bytes (cut on a character boundary), and whether it was cut."""
+    if data is None or len(data) <= limit:
+        return printable(data), False
+    head = data[:limit]
+    try:
+        return head.decode("utf-8"), True
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at the end is not a reason for base64.
+        if exc.start >= limit - 3 and exc.reason == "unexpected end of data":
+            return head[: exc.start].decode("utf-8"), True
+        return printable(head), True
+
+
 def printable(data: bytes | None) -> str | None:
     """Bytes as UTF-8 text, or `base64:`-prefixed when they are not UTF-8."""
     if data is None:

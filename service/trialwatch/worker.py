@@ -7,6 +7,7 @@ mapping and a send function, so the same code runs under fakes in unit tests.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -16,8 +17,16 @@ from typing import Any
 
 import structlog
 
-from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, AlertMessage, DeadLetter, mask
-from trialwatch.decode import Rejection, decode, printable
+from trialwatch.contract import (
+    ALERTS,
+    ALERTS_MASKED,
+    DEAD_LETTER_EXCERPT_BYTES,
+    DEADLETTER,
+    AlertMessage,
+    DeadLetter,
+    mask,
+)
+from trialwatch.decode import Rejection, decode, excerpt
 from trialwatch.engine import Engine, SubjectState, Tick
 from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, changed_fact, subject_fact
 from trialwatch.metrics import Metrics
@@ -94,6 +103,37 @@ class OpenAlertIndex:
                 for severity, n in counts.items():
                     out[severity] += n
         return out
+
+
+def dead_letter_for(record: Record, rejection: Rejection, rejected_at: datetime) -> DeadLetter:
+    """The dead letter of a record: bounded whatever the record's size (its start, length and hash)."""
+    value = record.value or b""
+    payload, truncated = excerpt(value, DEAD_LETTER_EXCERPT_BYTES)
+    return DeadLetter(
+        reason=rejection.reason,
+        detail=rejection.detail,
+        errors=rejection.errors,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=excerpt(record.key, 256)[0],
+        payload=payload or "",
+        payload_bytes=len(value),
+        payload_sha256=hashlib.sha256(value).hexdigest(),
+        payload_truncated=truncated,
+        event_id=rejection.event_id,
+        rejected_at=rejected_at,
+    )
+
+
+def where(exc: BaseException) -> str:
+    """Where an exception was raised (file:line): loggable, unlike its message, which may quote a value."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
 
 
 def tick_payload(subject_id: str, due_at: datetime) -> bytes:
@@ -206,12 +246,7 @@ class SubjectWorker:
             state, alerts = self.engine.apply(state, event, self.clock())
             after = subject_fact(state, self.engine.protocol, event.event_id)
         except Exception as exc:  # noqa: BLE001 - a bug must dead-letter the event, not kill the worker
-            bound.exception("engine failed on a valid event")
-            await self._dead_letter(
-                record,
-                Rejection("processing_error", f"{type(exc).__name__} in rule evaluation", [], event.event_id),
-                bound,
-            )
+            await self._processing_failed(record, exc, "rule evaluation", event.event_id, bound)
             return
         fact = changed_fact(before, after)
         if fact is not None:
@@ -239,7 +274,15 @@ class SubjectWorker:
         if state is None:
             return
         now = self.clock()
-        state, alerts = self.engine.apply(state, Tick(subject_id, now), now)
+        try:
+            state, alerts = self.engine.apply(state, Tick(subject_id, now), now)
+        except Exception as exc:  # noqa: BLE001 - one policy for every input kind (see _processing_failed)
+            # The engine is deterministic: ticking again would fail again. The
+            # deadline stays in the state (a restart or the subject's next
+            # event re-indexes it); the index stops re-sending it meanwhile.
+            self.deadlines.update(record.partition, record.key, None)
+            await self._processing_failed(record, exc, "deadline evaluation", None, bound)
+            return
         if alerts:
             await self._publish_alerts(alerts, bound)
         assert record.key is not None
@@ -264,16 +307,19 @@ class SubjectWorker:
     async def handle_arm_fact(self, record: Record, arms: MutableMapping[bytes, bytes]) -> None:
         """Fold one subject's fact into its arm's counts; publish a boundary alert when crossed."""
         self.busy = True
+        bound = log.bind(topic=record.topic, partition=record.partition, offset=record.offset)
         try:
-            fact = ArmFact(**json.loads(record.value or b""))
-            raw = arms.get(fact.arm.encode())
-            state = ArmState.from_bytes(raw) if raw is not None else None
-            state, alerts = self.arm_monitor.apply(state, fact, self.clock())
-            if alerts:
-                await self._publish_alerts(
-                    alerts, log.bind(topic=record.topic, partition=record.partition, offset=record.offset)
-                )
-            arms[fact.arm.encode()] = state.to_bytes()
+            try:
+                fact = ArmFact.from_bytes(record.value or b"")
+                raw = arms.get(fact.arm.encode())
+                state = ArmState.from_bytes(raw) if raw is not None else None
+                state, alerts = self.arm_monitor.apply(state, fact, self.clock())
+            except Exception as exc:  # noqa: BLE001 - one policy for every input kind (see _processing_failed)
+                await self._processing_failed(record, exc, "the arm-level monitor", None, bound)
+            else:
+                if alerts:
+                    await self._publish_alerts(alerts, bound)
+                arms[fact.arm.encode()] = state.to_bytes()
             self.next_offset[(record.topic, record.partition)] = record.offset + 1
         finally:
             self.busy = False
@@ -300,19 +346,23 @@ class SubjectWorker:
                 revision=alert.revision,
             )
 
+    async def _processing_failed(
+        self, record: Record, exc: Exception, what: str, event_id: str | None, bound: Any
+    ) -> None:
+        """One policy for an internal error on any input kind (event, tick, arm fact).
+
+        The record is dead-lettered with its coordinates (nothing is lost: it
+        can be re-driven once the bug is fixed), counted under
+        `processing_error` (which pages operations), and the worker goes on:
+        exiting would re-read the same record after every restart. The state
+        is not saved, so the subject stays as it was before the record.
+        """
+        bound.error("internal error; record dead-lettered", error=type(exc).__name__, where=where(exc), during=what)
+        rejection = Rejection("processing_error", f"{type(exc).__name__} in {what}", [], event_id)
+        await self._dead_letter(record, rejection, bound)
+
     async def _dead_letter(self, record: Record, rejection: Rejection, bound: Any) -> None:
-        letter = DeadLetter(
-            reason=rejection.reason,
-            detail=rejection.detail,
-            errors=rejection.errors,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=printable(record.key),
-            payload=printable(record.value) or "",
-            event_id=rejection.event_id,
-            rejected_at=self.clock(),
-        )
+        letter = dead_letter_for(record, rejection, self.clock())
         # The detail names fields, never their values: it is safe to log.
         bound.warning("input rejected", reason=rejection.reason, detail=rejection.detail)
         await self._deliver_all([(DEADLETTER, record.key or b"", letter.model_dump_json().encode())])

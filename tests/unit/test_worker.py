@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, LABS
-from trialwatch.engine import Engine
+from trialwatch.engine import Engine, Tick
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
-from trialwatch.worker import Record, SubjectWorker
+from trialwatch.worker import Record, SubjectWorker, tick_payload
 
 
 class FakeProducer:
@@ -228,3 +230,138 @@ class TestParsedStateCache:
         states[b"S-1"] = other_states[b"S-1"]  # as recovered from the changelog
         await worker.handle(record(lab("e2", 40), offset=1), states)
         assert [] == producer.on(ALERTS), "e2 is in the recovered state: a re-send, not a new result"
+
+
+TICKS = "trialwatch-ticks"
+ARM_FACTS = "trialwatch-arm-facts"
+
+
+def policy_worker(producer: FakeProducer, engine: Engine | None = None) -> tuple[SubjectWorker, CollectorRegistry]:
+    registry = CollectorRegistry()
+    worker = SubjectWorker(
+        engine or Engine(load_protocol()),
+        Metrics(registry),
+        producer.send,
+        ticks_topic=TICKS,
+        arm_facts_topic=ARM_FACTS,
+        retry_initial_s=0.001,
+        retry_max_s=0.002,
+    )
+    return worker, registry
+
+
+class TickFailingEngine(Engine):
+    def __init__(self) -> None:
+        super().__init__(load_protocol())
+
+    def apply(self, state: Any, event: Any, now: Any) -> Any:
+        if isinstance(event, Tick):
+            raise ArithmeticError("a deadline rule failed")
+        return super().apply(state, event, now)
+
+
+class TestOneErrorPolicyForEveryInputKind:
+    """Issue 10, defect 3: an internal error on a tick or an arm fact exited the process (exit 70 and a
+    crash loop on the same record); on an event it was dead-lettered. Now all three are dead-lettered."""
+
+    async def test_a_tick_the_engine_fails_on_is_dead_lettered_and_the_worker_goes_on(self) -> None:
+        producer = FakeProducer()
+        worker, registry = policy_worker(producer, TickFailingEngine())
+        states: dict[bytes, bytes] = {}
+        await worker.handle(record(lab("e1", 160)), states)
+        saved = states[b"S-1"]
+        worker.deadlines.update(2, b"S-1", datetime(2025, 3, 2, tzinfo=UTC))
+
+        tick = Record(TICKS, 2, 7, b"S-1", tick_payload("S-1", datetime(2025, 3, 2, tzinfo=UTC)))
+        await worker.handle(tick, states)
+        await worker.handle(record(lab("e2", 20), offset=1), states)
+
+        [letter] = producer.on(DEADLETTER)
+        assert ("processing_error", TICKS, 7) == (letter["reason"], letter["topic"], letter["offset"])
+        assert ["lab.platelets.low"] == [a["rule"] for a in producer.on(ALERTS)], "the worker went on"
+        assert saved != states[b"S-1"]
+        assert 1.0 == registry.get_sample_value(
+            "trialwatch_events_rejected_total", {"topic": TICKS, "reason": "processing_error"}
+        )
+        assert [] == worker.deadlines.due({2}, datetime(2030, 1, 1, tzinfo=UTC)), "no tick storm on a failing rule"
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            b"{not json",
+            b'{"subject_id": "S-1"}',
+            b'{"subject_id": "S-1", "arm": "placebo", "counted": true, "event_id": "e"}',
+            b'{"subject_id": "S-1", "arm": "sbrt", "counted": "yes", "event_id": "e"}',
+            b"[" * 100_000,
+        ],
+        ids=["not-json", "missing-fields", "unknown-arm", "counted-not-bool", "deep-nesting"],
+    )
+    async def test_a_corrupt_arm_fact_is_dead_lettered_and_the_next_one_counts(self, value: bytes) -> None:
+        producer = FakeProducer()
+        worker, _ = policy_worker(producer)
+        arms: dict[bytes, bytes] = {}
+
+        await worker.handle_arm_fact(Record(ARM_FACTS, 0, 3, b"sbrt", value), arms)
+        good = json.dumps({"subject_id": "S-1", "arm": "sbrt", "counted": True, "event_id": "e1"}).encode()
+        await worker.handle_arm_fact(Record(ARM_FACTS, 0, 4, b"sbrt", good), arms)
+
+        assert [("processing_error", 3)] == [(d["reason"], d["offset"]) for d in producer.on(DEADLETTER)]
+        assert b"sbrt" in arms
+        assert 5 == worker.next_offset[(ARM_FACTS, 0)]
+
+    async def test_the_error_is_logged_without_its_message(self, capsys: pytest.CaptureFixture[str]) -> None:
+        # An exception's message may quote a value (a subject code in a KeyError): only its type and place.
+        producer = FakeProducer()
+        worker, _ = policy_worker(producer)
+
+        def broken(*_: Any) -> Any:
+            raise KeyError("TW-SECRET-CODE")
+
+        worker.engine.apply = broken  # type: ignore[method-assign]
+        await worker.handle(record(lab("e1", 20)), {})
+
+        out = capsys.readouterr()
+        assert "KeyError" in out.out + out.err
+        assert "TW-SECRET-CODE" not in out.out + out.err
+
+
+class TestBoundedDeadLetters:
+    """Issue 10, defect 5: a 180 kB invalid record gave a 1.08 MB dead letter (over Kafka's limit: crash loop)."""
+
+    @pytest.mark.parametrize("size", [180_000, 1_000_000], ids=["180kB", "1MB"])
+    async def test_a_huge_record_gives_a_small_dead_letter_that_still_identifies_it(self, size: int) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+        # Control characters quadruple in JSON (\u0001): the worst case for the letter's size.
+        value = b'{"event_id": "' + b"\x01" * size + b'"}'
+
+        await worker.handle(record(value, offset=9), {})
+
+        [(_, _, raw)] = [s for s in producer.sent if s[0] == DEADLETTER]
+        letter = json.loads(raw)
+        assert len(raw) < 100_000
+        assert (size + 16, hashlib.sha256(value).hexdigest(), True, 9) == (
+            letter["payload_bytes"],
+            letter["payload_sha256"],
+            letter["payload_truncated"],
+            letter["offset"],
+        )
+        assert value.decode().startswith(letter["payload"])
+
+    async def test_a_huge_key_is_cut_too(self) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+
+        await worker.handle(record(lab("e1", 40), key=b"k" * 500_000), {})
+
+        [letter] = producer.on(DEADLETTER)
+        assert ("key_mismatch", 256) == (letter["reason"], len(letter["key"]))
+
+    async def test_a_small_record_is_kept_whole(self) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+
+        await worker.handle(record(b"{not json", offset=1), {})
+
+        [letter] = producer.on(DEADLETTER)
+        assert ("{not json", False, 9) == (letter["payload"], letter["payload_truncated"], letter["payload_bytes"])

@@ -8,6 +8,7 @@ replay runs them in sequence.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,22 @@ class ArmFact:
     arm: str
     counted: bool
     event_id: str
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ArmFact:
+        """A fact as the worker published it; ValueError for anything else (a corrupt or foreign record)."""
+        data = json.loads(raw)
+        if not isinstance(data, dict) or set(data) != {"subject_id", "arm", "counted", "event_id"}:
+            raise ValueError("not an arm fact")
+        fact = cls(**data)
+        if not (
+            isinstance(fact.subject_id, str)
+            and fact.arm in ("sbrt", "control")
+            and isinstance(fact.counted, bool)
+            and isinstance(fact.event_id, str)
+        ):
+            raise ValueError("not an arm fact")
+        return fact
 
 
 def subject_fact(state: SubjectState, protocol: Protocol, event_id: str) -> ArmFact | None:
