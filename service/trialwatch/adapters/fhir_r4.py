@@ -375,27 +375,10 @@ def _observation(
     raw: dict[str, Any], mapping: AdapterMapping, patients: dict[str, list[str]], full_url: str | None
 ) -> Lab | None:
     obs: Observation = _validated(Observation, raw)
-    if obs.code is None:
-        # Required in FHIR, but fhir.resources leaves required elements unchecked.
-        raise _Refused("Observation.code is missing")
-    analyte, loinc, ignored = None, None, False
-    for coding in obs.code.coding or []:
-        if not coding.code:
-            continue
-        found = mapping.analyte_for(coding.code, coding.system == LOINC)
-        if found is not None:
-            analyte, loinc = found, coding.code if coding.system == LOINC else None
-            break
-        ignored = ignored or mapping.ignores(coding.code)
-    if analyte is None:
-        if ignored:
-            return None
-        codes = ", ".join(_quoted(f"{c.system or '(no system)'}|{c.code}") for c in obs.code.coding or []) or "none"
-        raise _Refused(
-            f"unknown observation code ({codes}); expected a LOINC code of a monitored analyte, "
-            "or a code in the mapping file's local_codes or ignore_codes"
-        )
-
+    coded = _analyte(obs, mapping)
+    if coded is None:
+        return None
+    analyte, loinc = coded
     status = STATUS_BY_OBSERVATION.get(obs.status or "")
     if status is None:
         raise _Refused(f"Observation.status {_quoted(obs.status)} carries no result (expected final, preliminary, ...)")
@@ -421,13 +404,7 @@ def _observation(
         value["recorded_at"] = obs.issued.isoformat()
     if loinc:
         value["loinc"] = loinc
-    for bound in ("low", "high"):
-        limit = getattr(obs.referenceRange[0], bound) if obs.referenceRange else None
-        if limit is None or limit.value is None:
-            continue
-        if (limit.code or limit.unit) and _unit(limit.code, limit.system, limit.unit, "referenceRange") != unit:
-            raise _Refused(f"referenceRange.{bound} is in another unit than the value")
-        value[f"ref_{bound}"] = _finite(limit.value, f"referenceRange.{bound}.value")
+    value.update(_reference_range(obs, unit))
     stable, event_id = _identity(raw, "Observation", full_url)
     value["event_id"] = event_id
     if stable:
@@ -435,6 +412,41 @@ def _observation(
     event = _validate_event(LABS, value)
     assert isinstance(event, Lab)
     return event
+
+
+def _analyte(obs: Observation, mapping: AdapterMapping) -> tuple[str, str | None] | None:
+    """The analyte and LOINC code of the Observation's first mapped code; None when its codes are ignored."""
+    if obs.code is None:
+        # Required in FHIR, but fhir.resources leaves required elements unchecked.
+        raise _Refused("Observation.code is missing")
+    ignored = False
+    for coding in obs.code.coding or []:
+        if not coding.code:
+            continue
+        found = mapping.analyte_for(coding.code, coding.system == LOINC)
+        if found is not None:
+            return found, coding.code if coding.system == LOINC else None
+        ignored = ignored or mapping.ignores(coding.code)
+    if ignored:
+        return None
+    codes = ", ".join(_quoted(f"{c.system or '(no system)'}|{c.code}") for c in obs.code.coding or []) or "none"
+    raise _Refused(
+        f"unknown observation code ({codes}); expected a LOINC code of a monitored analyte, "
+        "or a code in the mapping file's local_codes or ignore_codes"
+    )
+
+
+def _reference_range(obs: Observation, unit: str) -> dict[str, float]:
+    """ref_low and ref_high from the first referenceRange, in the value's unit."""
+    out: dict[str, float] = {}
+    for bound in ("low", "high"):
+        limit = getattr(obs.referenceRange[0], bound) if obs.referenceRange else None
+        if limit is None or limit.value is None:
+            continue
+        if (limit.code or limit.unit) and _unit(limit.code, limit.system, limit.unit, "referenceRange") != unit:
+            raise _Refused(f"referenceRange.{bound} is in another unit than the value")
+        out[f"ref_{bound}"] = _finite(limit.value, f"referenceRange.{bound}.value")
+    return out
 
 
 def _finite(value: Decimal, where: str) -> float:
