@@ -632,6 +632,13 @@ class TestApiUnderAttack:
         finally:
             writer.close()
 
+    async def test_a_token_that_is_not_utf8_is_401_not_a_crash(self, served: int) -> None:
+        """aiohttp hands undecodable header bytes over as surrogates; found by the fuzz suite (500 before)."""
+        request = (
+            b"GET /alerts HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \xff\xfe" + DSMB_TOKEN.encode() + b"\r\n\r\n"
+        )
+        assert 401 == await _status_of(served, request)
+
     @pytest.mark.parametrize("revision", ['"1"', "1.0", "true", "1e0", "[1]"])
     def test_revision_is_a_json_integer_only(self, api_parts: Any, revision: str) -> None:
         api, feed, publisher, _ = api_parts

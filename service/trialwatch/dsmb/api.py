@@ -159,7 +159,9 @@ class DsmbApi:
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise Denied(_error(401, "a bearer token is required", **challenge))
-        given = presented.strip().encode()
+        # aiohttp passes undecodable header bytes on as surrogates: kept as
+        # the bytes they were, they match no token (and raise nothing).
+        given = presented.strip().encode("utf-8", "surrogateescape")
         role = None
         # Compare against every token, in constant time each, so timing
         # tells nothing about which (or whether a) token matched.
