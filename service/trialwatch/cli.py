@@ -62,7 +62,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 print(f"line {line_no}: {item.reason}: {item.detail}", file=sys.stderr)
                 continue
             emit(replay.apply(item))
+            for error in replay.take_errors():
+                print(f"line {line_no}: {error}", file=sys.stderr)
     emit(replay.finish(args.as_of))
+    for error in replay.take_errors():
+        print(f"as of the end: {error}", file=sys.stderr)
     return 0
 
 

@@ -229,21 +229,13 @@ class Lab(_Input):
 
     @model_validator(mode="after")
     def _plausible(self) -> Lab:
-        # In the analyte's canonical unit, so one table serves every unit.
+        # In the analyte's canonical unit, so one table serves every unit. An
+        # implausible reference range is not refused: the value can still be
+        # graded, on the protocol's default range (the engine does, and says so).
         bounds = PLAUSIBLE[self.analyte]
-        canonical = bounds.unit
         if to_canonical(self.analyte, self.value, self.unit) > bounds.value_max:
             raise implausible(
-                f"value is above the plausible maximum for {self.analyte} ({bounds.value_max} {canonical})"
-            )
-        if self.ref_low is not None and to_canonical(self.analyte, self.ref_low, self.unit) > bounds.uln_max:
-            raise implausible(f"ref_low is above the plausible ULN range for {self.analyte}")
-        if self.ref_high is not None and not (
-            bounds.uln_min <= to_canonical(self.analyte, self.ref_high, self.unit) <= bounds.uln_max
-        ):
-            raise implausible(
-                f"ref_high (the ULN) is outside the plausible range for {self.analyte} "
-                f"({bounds.uln_min}-{bounds.uln_max} {canonical})"
+                f"value is above the plausible maximum for {self.analyte} ({bounds.value_max} {bounds.unit})"
             )
         return self
 

@@ -8,10 +8,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from trialwatch.contract import AlertMessage, InputEvent
-from trialwatch.decode import Rejection, decode
+from trialwatch.contract import MAX_INPUT_BYTES, AlertMessage, InputEvent
+from trialwatch.decode import Rejection, decode, duplicate_key
 from trialwatch.engine import Engine, SubjectState, Tick
 from trialwatch.engine.toxicity import ArmMonitor, ArmState, changed_fact, subject_fact
+from trialwatch.failures import where
+
+# A line is the envelope around one input value: the value's limit plus room for the envelope.
+MAX_LINE_CHARS = MAX_INPUT_BYTES + 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,13 +30,28 @@ def read_event_file(lines: Iterable[str]) -> Iterator[tuple[int, InputEvent | Ba
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_CHARS:
+            yield (
+                line_no,
+                BadLine(line_no, "too_large", f"line has {len(line):,} characters; at most {MAX_LINE_CHARS:,}"),
+            )
+            continue
         try:
             envelope = json.loads(line)
         except ValueError as exc:
             yield line_no, BadLine(line_no, "not_json", f"line is not JSON: {exc}")
             continue
+        except RecursionError:
+            yield line_no, BadLine(line_no, "not_json", "line is not JSON this reader accepts: nested too deeply")
+            continue
         if not isinstance(envelope, dict) or not isinstance(envelope.get("topic"), str) or "value" not in envelope:
             yield line_no, BadLine(line_no, "not_an_object", 'a line must be {"topic": "...", "value": {...}}')
+            continue
+        # The value as the live service would receive it; a key repeated in
+        # it is refused there (decode), so here too, before json.loads merged it.
+        repeated = duplicate_key(line)
+        if repeated is not None:
+            yield line_no, BadLine(line_no, "duplicate_key", f"the key {repeated[:64]!r} appears twice in one object")
             continue
         result = decode(envelope["topic"], json.dumps(envelope["value"]).encode())
         if isinstance(result, Rejection):
@@ -58,6 +77,13 @@ class Replay:
         # The arm-level monitor runs after the subject engine, as its agent does live.
         self.arm_monitor = ArmMonitor(engine.protocol)
         self.arms: dict[str, ArmState] = {}
+        # Internal errors since the caller last took them (see take_errors).
+        self.errors: list[str] = []
+
+    def take_errors(self) -> list[str]:
+        """What failed inside the engine since the last call, for the caller to report."""
+        errors, self.errors = self.errors, []
+        return errors
 
     def _advance(self, at: datetime) -> list[AlertMessage]:
         """Fire every deadline due at or before `at`, earliest first, each at its own time."""
@@ -67,10 +93,15 @@ class Replay:
             state = self.states[sid]
             if state.next_deadline_at != deadline:
                 continue  # superseded: the subject's deadline moved since it was queued
-            state, alerts = self.engine.apply(state, Tick(sid, deadline), self._now(deadline))
+            try:
+                state, alerts = self.engine.apply(state, Tick(sid, deadline), self._now(deadline))
+            except Exception as exc:  # noqa: BLE001 - the worker's policy: report, drop the deadline, go on
+                self.errors.append(f"processing_error: {type(exc).__name__} in deadline evaluation ({where(exc)})")
+                continue
             if state.next_deadline_at == deadline:
-                # A tick at a deadline decides it; if not, stop rather than loop.
-                raise RuntimeError(f"deadline {deadline.isoformat()} not decided by its tick")
+                # A tick at a deadline decides it; if not, report it rather than loop.
+                self.errors.append(f"processing_error: deadline {deadline.isoformat()} not decided by its tick")
+                continue
             self._store(sid, state)
             out.extend(alerts)
         return out
@@ -90,7 +121,14 @@ class Replay:
         now = self._now(event.occurred_at)
         previous = self.states.get(event.subject_id)
         before = subject_fact(previous, self.engine.protocol, "") if previous is not None else None
-        state, alerts = self.engine.apply(previous, event, now)
+        try:
+            state, alerts = self.engine.apply(previous, event, now)
+        except Exception as exc:  # noqa: BLE001 - the worker's policy: report the event, go on with the next
+            # Unlike the live worker, which re-reads the saved state, replay
+            # keeps what the engine left: a failure mid-rule (a bug) may leave
+            # this subject's state half-updated. Reported either way.
+            self.errors.append(f"processing_error: {type(exc).__name__} in rule evaluation ({where(exc)})")
+            return out
         self._store(event.subject_id, state)
         out += alerts
         fact = changed_fact(before, subject_fact(state, self.engine.protocol, event.event_id))

@@ -135,7 +135,10 @@ def units_table() -> dict[str, Any]:
         },
         "plausible_note": (
             "Bounds in the analyte's canonical unit; a value in another unit is converted first. "
-            "Outside them a result is dead-lettered with reason implausible_value."
+            "A value above value_max is dead-lettered with reason implausible_value. A reference range "
+            "outside ref_high_min..ref_high_max (or ref_low above ref_low_max) is set aside: the result is "
+            "graded on the protocol's default range and the alert's evidence says so "
+            "(uln_origin protocol_default_implausible_site_range)."
         ),
     }
 

@@ -172,6 +172,14 @@ PLAUSIBLE: dict[str, Plausible] = {
 }
 
 
+def plausible_reference_range(analyte: str, ref_low: float | None, ref_high: float | None, unit: str) -> bool:
+    """Whether a site's reference range is one a real laboratory could report (absent bounds pass)."""
+    bounds = PLAUSIBLE[analyte]
+    if ref_high is not None and not bounds.uln_min <= to_canonical(analyte, ref_high, unit) <= bounds.uln_max:
+        return False
+    return ref_low is None or to_canonical(analyte, ref_low, unit) <= bounds.uln_max
+
+
 def ucum(unit: str) -> str:
     """The UCUM code a unit string means (its documented alias resolved)."""
     unit = unit.strip()

@@ -29,6 +29,7 @@ from trialwatch.contract import (
 from trialwatch.decode import Rejection, decode, excerpt
 from trialwatch.engine import Engine, SubjectState, Tick
 from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, changed_fact, subject_fact
+from trialwatch.failures import where
 from trialwatch.metrics import Metrics
 
 # send(topic, key, value) hands a record to the producer and returns an
@@ -124,16 +125,6 @@ def dead_letter_for(record: Record, rejection: Rejection, rejected_at: datetime)
         event_id=rejection.event_id,
         rejected_at=rejected_at,
     )
-
-
-def where(exc: BaseException) -> str:
-    """Where an exception was raised (file:line): loggable, unlike its message, which may quote a value."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return "?"
-    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
 
 
 def tick_payload(subject_id: str, due_at: datetime) -> bytes:

@@ -14,6 +14,8 @@ import pytest
 from tests.unit.test_contract import encode, message, rejected
 from trialwatch.contract import ADVERSE_EVENTS, ENROLLMENT, LABS, MAX_INPUT_BYTES, SCANS, TREATMENT, Lab
 from trialwatch.decode import MAX_ERRORS, Rejection, decode
+from trialwatch.engine import Engine
+from trialwatch.protocol import load_protocol
 from trialwatch.units import ANALYTES, CANONICAL_UNIT, PLAUSIBLE
 
 FRACTION = {"kind": "sbrt_fraction", "fraction": 1, "dose_gy": 8.0}
@@ -25,8 +27,6 @@ TARGET = {"lesion_id": "L1", "organ": "liver", "role": "target", "diameter_mm": 
     [
         pytest.param(LABS, {"value": 1.7e308}, "implausible_value", id="platelets-1.7e308"),
         pytest.param(LABS, {"value": 1.8e308}, "invalid_value", id="platelets-1.8e308-not-finite"),
-        pytest.param(LABS, {"ref_high": 1e-30}, "implausible_value", id="ref_high-1e-30"),
-        pytest.param(LABS, {"ref_high": 1e6}, "implausible_value", id="ref_high-1e6"),
         pytest.param(LABS, {"analyte": "alp", "unit": "U/L", "value": 1e30}, "implausible_value", id="alp-1e30"),
         pytest.param(LABS, {"occurred_at": "0001-01-01T00:00:00+00:00"}, "implausible_value", id="year-0001"),
         pytest.param(LABS, {"occurred_at": "9999-12-31T10:00:00+08:00"}, "implausible_value", id="year-9999"),
@@ -139,3 +139,37 @@ def test_deep_nesting_is_refused_not_a_crash() -> None:
 
 def test_plausible_table_covers_every_analyte_in_its_canonical_unit() -> None:
     assert {a: CANONICAL_UNIT[a] for a in ANALYTES} == {a: b.unit for a, b in PLAUSIBLE.items()}
+
+
+class TestAnImplausibleReferenceRangeIsSetAsideNotTheResult:
+    """Defect 3: platelets 20 (grade 4) with ref_high 1e-30 raised InvalidOperation in the engine and was
+    dead-lettered as processing_error: no alert. The count is real; only the range is absurd."""
+
+    @pytest.mark.parametrize(
+        "ref",
+        [{"ref_high": 1e-30}, {"ref_high": 1e6}, {"ref_low": 1e-30, "ref_high": 1e-30}, {"ref_low": 5000.0}],
+        ids=["uln-1e-30", "uln-1e6", "both-1e-30", "lln-5000"],
+    )
+    def test_a_grade_4_count_still_raises_its_critical_alert(self, ref: dict[str, float]) -> None:
+        event = decode(LABS, encode(message(LABS, value=20, **ref)))
+        assert isinstance(event, Lab)
+        _, alerts = Engine(load_protocol()).apply(None, event, event.occurred_at)
+        [alert] = alerts
+        assert ("lab.platelets.low", "critical", 4) == (alert.rule, alert.severity, alert.ctcae_grade)
+        assert "protocol_default_implausible_site_range" == alert.evidence["uln_origin"]
+        assert "set aside" in alert.evidence["uln_note"]
+
+    def test_bilirubin_is_graded_on_the_default_uln_not_the_absurd_one(self) -> None:
+        # 60 umol/L against the protocol ULN 17.1: > 3 x ULN, grade 3. Against 1e-30 it would be "infinite".
+        body = message(LABS, analyte="total_bilirubin", unit="umol/L", value=60, ref_high=1e-30)
+        event = decode(LABS, encode(body))
+        assert isinstance(event, Lab)
+        _, alerts = Engine(load_protocol()).apply(None, event, event.occurred_at)
+        assert [("lab.bilirubin.high", 3, 17.1)] == [(a.rule, a.ctcae_grade, a.evidence["uln"]) for a in alerts]
+
+    def test_a_plausible_site_range_is_used(self) -> None:
+        body = message(LABS, analyte="total_bilirubin", unit="umol/L", value=60, ref_high=21.0)
+        event = decode(LABS, encode(body))
+        assert isinstance(event, Lab)
+        _, alerts = Engine(load_protocol()).apply(None, event, event.occurred_at)
+        assert [("site", 21.0)] == [(a.evidence["uln_origin"], a.evidence["uln"]) for a in alerts]

@@ -170,3 +170,58 @@ class TestEventTimeClock:
         (alert,) = replayer.apply(make.lab(analyte="platelets", value=40.0, day=1))
         expected = (datetime(2025, 3, 2, 8, 0, tzinfo=CST), datetime(2025, 3, 5, 8, 0, tzinfo=CST))
         assert expected == (alert.occurred_at, alert.raised_at)
+
+
+class TestReplayNeverDiesOnOneLine:
+    """Issue 10, defects 3 and 11: a line of 50,000 nested arrays ended the whole replay with RecursionError,
+    and an event the engine raised on ended it with a traceback. Each is now a reported line; replay goes on."""
+
+    @pytest.mark.parametrize(
+        "hostile",
+        [
+            '{"topic": "trial.labs.v1", "value": ' + "[" * 50_000 + "]" * 50_000 + "}",
+            "[" * 50_000,
+            '{"topic": "trial.labs.v1", "value": {"v": "' + "x" * 200_000 + '"}}',
+        ],
+        ids=["nested-value", "nested-line", "oversize-line"],
+    )
+    def test_a_hostile_line_is_reported_and_the_rest_replayed(
+        self, capsys: pytest.CaptureFixture[str], make: EventFactory, tmp_path: Path, hostile: str
+    ) -> None:
+        path = write(tmp_path, [make.line("enrollment", arm="sbrt"), hostile, make.line("lab", value=20.0, day=1)])
+        code, out, err = replay(capsys, path)
+        assert (0, [2]) == (code, [int(m.group(1)) for line in err if (m := BAD_LINE.match(line))])
+        assert ["lab.platelets.low"] == [json.loads(line)["rule"] for line in out]
+
+    def test_a_repeated_key_in_the_value_is_refused_as_live(
+        self, capsys: pytest.CaptureFixture[str], make: EventFactory, tmp_path: Path
+    ) -> None:
+        line = make.line("lab", value=20.0, day=1).replace('"value": 20.0', '"value": 20.0, "value": 200.0')
+        _, out, err = replay(capsys, write(tmp_path, [line]))
+        assert [] == out
+        assert ["duplicate_key"] == [m.group(2) for line in err if (m := BAD_LINE.match(line))]
+
+    def test_an_engine_error_is_reported_with_its_line_and_replay_goes_on(
+        self, capsys: pytest.CaptureFixture[str], make: EventFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real = Engine.apply
+
+        def failing_on_lab_1(self: Engine, state: object, event: object, now: datetime) -> object:
+            if getattr(event, "event_id", None) == "lab-1":
+                raise ArithmeticError("a rule bug")
+            return real(self, state, event, now)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Engine, "apply", failing_on_lab_1)
+        path = write(
+            tmp_path,
+            [
+                make.line("lab", value=20.0, day=1, event_id="lab-1", subject_id="TW-001"),
+                make.line("lab", value=20.0, day=2, event_id="lab-2", subject_id="TW-002"),
+            ],
+        )
+        code, out, err = replay(capsys, path)
+        assert 0 == code
+        assert [(1, "processing_error")] == [
+            (int(m.group(1)), m.group(2)) for line in err if (m := BAD_LINE.match(line))
+        ]
+        assert ["TW-002"] == [json.loads(line)["subject_id"] for line in out]

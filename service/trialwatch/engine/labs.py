@@ -11,7 +11,7 @@ from trialwatch.contract import Lab, Severity
 from trialwatch.engine.lifecycle import AlertBook
 from trialwatch.engine.state import LabResult, SubjectState
 from trialwatch.protocol import AeGradeRule, BilirubinRule, CtcaeTerm, GradeCriterion, PlateletsRule, Protocol
-from trialwatch.units import CANONICAL_UNIT, to_canonical
+from trialwatch.units import CANONICAL_UNIT, plausible_reference_range, to_canonical
 
 _DISPLAY_UNIT = {"10*9/L": "×10⁹/L", "umol/L": "µmol/L"}
 
@@ -170,13 +170,19 @@ def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
         state.labs.pop(rid, None)
         return rid
     default = protocol.reference_ranges[lab.analyte]
-    if lab.ref_high is not None:
+    # A range no laboratory could report (a ULN of 1e-30) is set aside, not
+    # refused: the value itself can still be graded, and a grade-4 count must
+    # not wait for the site to fix its range.
+    site_range = plausible_reference_range(lab.analyte, lab.ref_low, lab.ref_high, lab.unit)
+    if lab.ref_high is not None and site_range:
         uln = to_canonical(lab.analyte, lab.ref_high, lab.unit)
         origin: Any = "site"
     else:
         uln = default.high
-        origin = "protocol_default"
-    lln = to_canonical(lab.analyte, lab.ref_low, lab.unit) if lab.ref_low is not None else default.low
+        origin = "protocol_default" if site_range else "protocol_default_implausible_site_range"
+    lln = default.low
+    if lab.ref_low is not None and site_range:
+        lln = to_canonical(lab.analyte, lab.ref_low, lab.unit)
     state.labs[rid] = LabResult(
         analyte=lab.analyte,
         value=to_canonical(lab.analyte, lab.value, lab.unit),
@@ -218,6 +224,11 @@ def _evidence(
         )
         if result.uln_origin == "protocol_default":
             ev["uln_note"] = "no ref_high on the result: the protocol's default ULN was used"
+        elif result.uln_origin == "protocol_default_implausible_site_range":
+            ev["uln_note"] = (
+                "the result's reference range is outside what a laboratory reports for this analyte "
+                "(schemas/units.json): set aside, the protocol's default range was used"
+            )
     if breach is not None:
         ev["threshold"] = breach.threshold
         ev["threshold_value"] = float(breach.threshold_value)

@@ -26,7 +26,9 @@ class LabResult(_State):
     value_as_sent: float
     unit_as_sent: str
     uln: Decimal
-    uln_origin: Literal["site", "protocol_default"]
+    # "protocol_default_implausible_site_range": the result came with a range
+    # no real laboratory reports (a ULN of 1e-30): graded on the default instead.
+    uln_origin: Literal["site", "protocol_default", "protocol_default_implausible_site_range"]
     lln: Decimal = Decimal(0)
     at: datetime
     seq: int
