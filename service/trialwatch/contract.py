@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from trialwatch.units import ANALYTE_LOINC, PLAUSIBLE, Analyte, to_canonical, unit_fits
+from trialwatch.units import ANALYTE_LOINC, ANALYTE_NAMES, DISPLAY_UNIT, PLAUSIBLE, Analyte, to_canonical, unit_fits
 
 # Topic names are fixed by the v1 contract.
 ENROLLMENT = "trial.enrollment.v1"
@@ -319,17 +319,6 @@ TOPIC_BY_MODEL: dict[type[_Input], str] = {model: topic for topic, model in MODE
 Severity = Literal["info", "warning", "high", "critical"]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "high": 2, "critical": 3}
 
-# Rules whose mere presence tells a reader which arm a subject is on: the
-# masked stream must never carry them (contract, `trial.alerts.masked.v1`).
-ARM_REVEALING_RULE_PREFIXES: tuple[str, ...] = (
-    "sbrt.",
-    "rild.",
-    "protocol.crossover",
-    "protocol.systemic_held_during_sbrt",
-    # Arm-level toxicity counts are for the DSMB alone.
-    "dsmb.",
-)
-
 
 class AlertMessage(BaseModel):
     """One state of an alert on `trial.alerts.v1` (keyed by `alert_id`)."""
@@ -391,15 +380,132 @@ class AlertAck(BaseModel):
     acknowledged_at: AwareDatetime
 
 
+# The blinded stream is an allow-list, never a deny-list: a rule reaches it
+# only when listed here, and of its alert only the fields listed, down to each
+# key of the evidence. Each listed value is either computed by the service
+# from arm-free inputs or a closed vocabulary; free text a site wrote (an
+# adverse event's term) and anything about SBRT (attributed_to, fractions,
+# doses) are not listed, so a new evidence field or a new rule stays off the
+# masked stream until someone decides it is arm-free.
+# `True` keeps a value whole (for `parameters`: the protocol's own constants);
+# a nested allow-list keeps those keys of an object, or of every object of a list.
+MaskedFields = dict[str, "bool | MaskedFields"]
+
+_LAB_EVIDENCE: MaskedFields = dict.fromkeys(
+    (
+        "event_ids", "analyte", "result_id", "result_status", "value", "unit", "value_as_sent", "unit_as_sent",
+        "uln", "uln_origin", "uln_note", "times_uln", "threshold", "threshold_value", "late_result",
+        "resolved_because", "parameters", "protocol_version", "ctcae_version",
+    ),
+    True,
+) | {"baseline": dict.fromkeys(("value", "at", "abnormal", "event_id"), True)}  # fmt: skip
+_AE_EVIDENCE: MaskedFields = dict.fromkeys(
+    (
+        "event_ids", "ae_id", "grade", "serious", "attribution", "reporting_clock_starts_at", "resolved_because",
+        "parameters", "protocol_version", "ctcae_version",
+    ),
+    True,
+)  # fmt: skip
+MASKED_EVIDENCE: dict[str, MaskedFields] = {
+    "lab.platelets.low": _LAB_EVIDENCE,
+    "lab.bilirubin.high": _LAB_EVIDENCE,
+    "lab.ctcae.grade3plus": _LAB_EVIDENCE,
+    "ae.grade3plus": _AE_EVIDENCE,
+    "ae.serious": _AE_EVIDENCE,
+    "eligibility.violation": dict.fromkeys(
+        ("event_ids", "screening_window_days", "resolved_because", "protocol_version"), True
+    )
+    | {"failures": dict.fromkeys(("criterion", "value", "allowed", "unit", "event_id"), True)},
+    "protocol.regimen_mismatch": dict.fromkeys(
+        ("event_ids", "first_line_regimen", "second_line_regimen", "allowed_second_line", "protocol_version"), True
+    ),
+    "recist.progression": dict.fromkeys(
+        (
+            "event_ids", "scan_id", "sum_mm", "baseline_sum_mm", "target_response", "non_target_response",
+            "new_lesions", "time_point_response", "best_overall_response", "first_progression_at", "protocol_version",
+        ),
+        True,
+    ),
+}  # fmt: skip
+
+
 def reveals_arm(rule: str) -> bool:
-    return rule.startswith(ARM_REVEALING_RULE_PREFIXES)
+    """Whether a rule stays off the blinded stream: every rule not allow-listed for it."""
+    return rule not in MASKED_EVIDENCE
+
+
+def masked_evidence(value: Any, allowed: MaskedFields) -> Any:
+    """The allow-listed part of an evidence object (recursively); anything unlisted is dropped."""
+    if isinstance(value, list):
+        return [masked_evidence(v, allowed) for v in value if isinstance(v, dict)]
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key, rule in allowed.items():
+        if key not in value:
+            continue
+        item = value[key]
+        if rule is True:
+            out[key] = item
+        elif isinstance(rule, dict):
+            out[key] = masked_evidence(item, rule)
+    return out
+
+
+def masked_summary(alert: AlertMessage, evidence: dict[str, Any]) -> str:
+    """The blinded stream's one line, written from the masked fields only (never the DSMB summary)."""
+    rule, grade = alert.rule, alert.ctcae_grade
+    graded = f" (CTCAE grade {grade})" if grade is not None else ""
+    if alert.status == "resolved":
+        because = evidence.get("resolved_because")
+        return f"Resolved: {rule}" + (f", {because}" if isinstance(because, str) else "")
+    if rule.startswith("lab."):
+        analyte = str(evidence.get("analyte", ""))
+        unit = str(evidence.get("unit", ""))
+        return (
+            f"{ANALYTE_NAMES.get(analyte, analyte)} {evidence.get('value')} {DISPLAY_UNIT.get(unit, unit)} "
+            f"{evidence.get('threshold', '')}{graded}"
+        )
+    if rule == "ae.serious":
+        due = f"; expedited report due by {alert.report_due_at.isoformat()}" if alert.report_due_at else ""
+        return f"Serious adverse event{graded}{due}"
+    if rule == "ae.grade3plus":
+        return f"Adverse event{graded}, attribution {evidence.get('attribution')}"
+    if rule == "eligibility.violation":
+        failures = evidence.get("failures") or []
+        names = ", ".join(str(f.get("criterion")) for f in failures if isinstance(f, dict))
+        return f"Enrolled outside the eligibility criteria: {names}"
+    if rule == "protocol.regimen_mismatch":
+        return (
+            f"Second-line {evidence.get('second_line_regimen')} after first-line "
+            f"{evidence.get('first_line_regimen')}: not what the protocol allows"
+        )
+    if rule == "recist.progression":
+        return f"RECIST 1.1 progressive disease on scan {evidence.get('scan_id')}"
+    return f"{rule}: {alert.severity}"
 
 
 def mask(alert: AlertMessage) -> MaskedAlertMessage | None:
-    """Project a DSMB alert onto the blinded stream, or None when the rule itself reveals the arm."""
-    if reveals_arm(alert.rule):
+    """Project a DSMB alert onto the blinded stream: allow-listed rules, fields and evidence keys only."""
+    allowed = MASKED_EVIDENCE.get(alert.rule)
+    if allowed is None:
         return None
-    return MaskedAlertMessage.model_validate(alert.model_dump(exclude={"arm"}))
+    evidence = masked_evidence(alert.evidence, allowed)
+    return MaskedAlertMessage(
+        alert_id=alert.alert_id,
+        revision=alert.revision,
+        status=alert.status,
+        rule=alert.rule,
+        severity=alert.severity,
+        subject_id=alert.subject_id,
+        site_id=alert.site_id,
+        occurred_at=alert.occurred_at,
+        raised_at=alert.raised_at,
+        ctcae_grade=alert.ctcae_grade,
+        report_due_at=alert.report_due_at,
+        evidence=evidence,
+        summary=masked_summary(alert, evidence),
+    )
 
 
 RejectReason = Literal[

@@ -5,7 +5,24 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from trialwatch import __version__
-from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, INPUT_TOPICS
+from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, INPUT_TOPICS, reveals_arm
+
+# Metrics are operations' view, and operations are blinded: a rule that only
+# exists in one arm (sbrt.*, rild.*, the crossover) or the DSMB's stopping
+# boundary would tell its counts to anyone who can scrape /metrics. Only the
+# masked stream's rules are named; the others share this one label value.
+UNBLINDED_RULES = "unblinded_only"
+OTHER_SITE = "other"
+
+
+def rule_label(rule: str) -> str:
+    return UNBLINDED_RULES if reveals_arm(rule) else rule
+
+
+def site_label(site_id: str, known_sites: frozenset[str]) -> str:
+    """A known site's code; anything else one value, so labels stay few whatever publishers send."""
+    return site_id if site_id in known_sites else OTHER_SITE
+
 
 # Processing one event is sub-millisecond when healthy; the top buckets catch
 # stalls on Kafka retries.
@@ -32,7 +49,8 @@ class Metrics:
         )
         self.alerts_produced = Counter(
             "trialwatch_alerts_produced_total",
-            "Alert messages produced to the DSMB stream, by rule, severity and status",
+            "Alert messages produced to the DSMB stream, by rule (the masked stream's rules; every other rule as "
+            f"{UNBLINDED_RULES!r}), severity and status",
             ["rule", "severity", "status"],
             registry=registry,
         )
@@ -82,7 +100,7 @@ class Metrics:
         )
         self.site_last_event = Gauge(
             "trialwatch_site_last_event_timestamp_seconds",
-            "Unix time of the last valid input event from each site (site codes are few and name no person)",
+            "Unix time of the last valid input event from each site of the protocol (any other site as 'other')",
             ["site"],
             registry=registry,
         )

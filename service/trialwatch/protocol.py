@@ -189,6 +189,7 @@ class Protocol(_Frozen):
     version: str
     trial: str
     ctcae_version: str
+    sites: tuple[str, ...] = ()
     reference_ranges: dict[str, ReferenceRange]
     rules: Rules
     ctcae: dict[str, CtcaeTerm]

@@ -49,6 +49,23 @@ _CELL_COUNT = {
     "/mm3": Decimal("0.001"),
 }
 
+# How summaries name analytes and print canonical units.
+ANALYTE_NAMES: dict[str, str] = {
+    "platelets": "Platelets",
+    "total_bilirubin": "Total bilirubin",
+    "neutrophils": "Neutrophils",
+    "wbc": "WBC",
+    "hemoglobin": "Haemoglobin",
+    "alt": "ALT",
+    "ast": "AST",
+    "alp": "ALP",
+    "albumin": "Albumin",
+    "creatinine": "Creatinine",
+    "inr": "INR",
+    "afp": "AFP",
+}
+DISPLAY_UNIT: dict[str, str] = {"10*9/L": "×10⁹/L", "umol/L": "µmol/L"}
+
 # Factor that takes a value in the unit to the canonical unit, exactly.
 # Decimal keeps the CTCAE boundaries exact: 3 mg/dL bilirubin is 51.3 umol/L,
 # not 51.300000000000004, so "> 3 x ULN" means what it says.

@@ -30,7 +30,7 @@ from trialwatch.decode import Rejection, decode, excerpt
 from trialwatch.engine import Engine, SubjectState, Tick
 from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, changed_fact, subject_fact
 from trialwatch.failures import where
-from trialwatch.metrics import Metrics
+from trialwatch.metrics import Metrics, rule_label, site_label
 
 # send(topic, key, value) hands a record to the producer and returns an
 # awaitable that completes when Kafka has acknowledged it.
@@ -153,6 +153,7 @@ class SubjectWorker:
         self.ticks_topic = ticks_topic
         self.arm_facts_topic = arm_facts_topic
         self.arm_monitor = ArmMonitor(engine.protocol)
+        self.known_sites = frozenset(engine.protocol.sites)
         self.deadlines = DeadlineIndex()
         self.open_alerts = OpenAlertIndex()
         # Kafka timestamp of the last processed record per (topic, partition).
@@ -216,7 +217,7 @@ class SubjectWorker:
         # Publishers often build event ids from the subject code: log the id
         # with that code masked, so logs never name a subject.
         bound = bound.bind(event_id=event.event_id.replace(event.subject_id, "…"))
-        self.metrics.site_last_event.labels(event.site_id).set(time.time())
+        self.metrics.site_last_event.labels(site_label(event.site_id, self.known_sites)).set(time.time())
         if record.key != event.subject_id.encode():
             # A subject's events must all land on its partition, or its state
             # would split between workers and rules would see half the story.
@@ -326,12 +327,13 @@ class SubjectWorker:
                 out.append((ALERTS_MASKED, key, masked.model_dump_json().encode()))
         await self._deliver_all(out)
         for alert in alerts:
-            self.metrics.alerts_produced.labels(alert.rule, alert.severity, alert.status).inc()
+            self.metrics.alerts_produced.labels(rule_label(alert.rule), alert.severity, alert.status).inc()
             # Alert ids are opaque hashes: safe to log, unlike subject codes.
+            # Logs are read by operations, who are blinded: the rule as in metrics.
             bound.info(
                 "alert produced",
                 alert_id=alert.alert_id,
-                rule=alert.rule,
+                rule=rule_label(alert.rule),
                 severity=alert.severity,
                 status=alert.status,
                 revision=alert.revision,

@@ -11,9 +11,7 @@ from trialwatch.contract import Lab, Severity
 from trialwatch.engine.lifecycle import AlertBook
 from trialwatch.engine.state import LabResult, SubjectState
 from trialwatch.protocol import AeGradeRule, BilirubinRule, CtcaeTerm, GradeCriterion, PlateletsRule, Protocol
-from trialwatch.units import CANONICAL_UNIT, plausible_reference_range, to_canonical
-
-_DISPLAY_UNIT = {"10*9/L": "×10⁹/L", "umol/L": "µmol/L"}
+from trialwatch.units import ANALYTE_NAMES, CANONICAL_UNIT, DISPLAY_UNIT, plausible_reference_range, to_canonical
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +121,7 @@ class CtcaeGrade3Plus:
         if graded is None or graded[0] < self.spec.min_grade:
             return None
         grade, criterion = graded
-        unit = _DISPLAY_UNIT.get(result.unit, result.unit)
+        unit = DISPLAY_UNIT.get(result.unit, result.unit)
         if criterion.of == "abs":
             limit = criterion.times
             text = f"{criterion.op} {_fmt(limit)} {unit}"
@@ -236,24 +234,8 @@ def _evidence(
     return ev
 
 
-_NAMES = {
-    "platelets": "Platelets",
-    "total_bilirubin": "Total bilirubin",
-    "neutrophils": "Neutrophils",
-    "wbc": "WBC",
-    "hemoglobin": "Haemoglobin",
-    "alt": "ALT",
-    "ast": "AST",
-    "alp": "ALP",
-    "albumin": "Albumin",
-    "creatinine": "Creatinine",
-    "inr": "INR",
-    "afp": "AFP",
-}
-
-
 def _label(rule: LabRule, result: LabResult) -> str:
-    return f"{_NAMES[rule.analyte]} {_fmt(result.value)} {_DISPLAY_UNIT.get(result.unit, result.unit)}"
+    return f"{ANALYTE_NAMES[rule.analyte]} {_fmt(result.value)} {DISPLAY_UNIT.get(result.unit, result.unit)}"
 
 
 def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: Protocol) -> None:
