@@ -13,7 +13,7 @@ KAFKA := deploy/kafka/kafka.sh
 TEST_KAFKA_ENV := KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 KAFKA_STATE_DIR=$(CURDIR)/.kafka-test
 BENCH_KAFKA_ENV := KAFKA_PORT=19192 KAFKA_CONTROLLER_PORT=19193 KAFKA_STATE_DIR=$(CURDIR)/.kafka-bench
 
-.PHONY: install run test lint unit schemas promtool chromium kafka-up kafka-down clean bench
+.PHONY: install run test lint unit schemas promtool chromium kafka-up kafka-down clean bench fuzz
 
 install: $(STAMP)
 
@@ -72,6 +72,13 @@ bench: install
 	$(BIN)/python benchmarks/throughput.py --subjects $${BENCH_SUBJECTS:-1000}; status=$$?; \
 	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(BENCH_KAFKA_ENV) $(KAFKA) stop; fi; \
 	exit $$status
+
+# The whole fuzz suite (not a test target: minutes, not seconds). Every surface
+# (decode → engine → worker shell, HL7, FHIR, MLLP, DSMB API) at FUZZ_INPUTS
+# inputs; per surface: inputs, accepted, refused by reason, exceptions (must be
+# 0), largest output record. `make test` runs 3,000 of each (tests/fuzz).
+fuzz: install
+	$(BIN)/python -m tests.fuzz --inputs $${FUZZ_INPUTS:-100000} --seed $${FUZZ_SEED:-0}
 
 kafka-up:
 	@$(KAFKA) start

@@ -20,6 +20,34 @@ def alert_id(trial: str, subject_id: str, rule: str, key: str, opening_event_id:
     return hashlib.sha256(material).hexdigest()[:32]
 
 
+# An alert must fit in a Kafka record whatever a rule put in it: evidence is
+# cut to these sizes (the contract already bounds every input string, so
+# only a rule gathering very many items, e.g. event ids over years, reaches them).
+MAX_EVIDENCE_LIST = 100
+MAX_EVIDENCE_TEXT = 1_000
+MAX_SUMMARY = 1_000
+
+
+def bounded(value: Any, depth: int = 0) -> Any:
+    """`value` with every list cut to MAX_EVIDENCE_LIST items and every string to MAX_EVIDENCE_TEXT characters.
+
+    A cut list ends with one marker string saying how many items were left
+    out, so a reader knows the evidence is partial.
+    """
+    if isinstance(value, str):
+        return value if len(value) <= MAX_EVIDENCE_TEXT else value[: MAX_EVIDENCE_TEXT - 1] + "…"
+    if depth > 8:
+        return "… (nested too deeply)"
+    if isinstance(value, dict):
+        return {bounded(k, depth + 1): bounded(v, depth + 1) for k, v in list(value.items())[:MAX_EVIDENCE_LIST]}
+    if isinstance(value, list | tuple):
+        items = [bounded(v, depth + 1) for v in value[:MAX_EVIDENCE_LIST]]
+        if len(value) > MAX_EVIDENCE_LIST:
+            items.append(f"… and {len(value) - MAX_EVIDENCE_LIST} more")
+        return items
+    return value
+
+
 class AlertBook:
     """Applies lifecycle transitions to a subject's alert records and collects the messages.
 
@@ -118,7 +146,7 @@ class AlertBook:
                 raised_at=self.now,
                 ctcae_grade=rec.ctcae_grade,
                 report_due_at=rec.report_due_at,
-                evidence=evidence,
-                summary=summary,
+                evidence=bounded(evidence),
+                summary=summary if len(summary) <= MAX_SUMMARY else summary[: MAX_SUMMARY - 1] + "…",
             )
         )

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from trialwatch.contract import AlertMessage, Arm
-from trialwatch.engine.lifecycle import alert_id
+from trialwatch.engine.lifecycle import alert_id, bounded
 from trialwatch.engine.state import SubjectState
 from trialwatch.protocol import Protocol, ToxicityBoundaryRule
 
@@ -180,7 +180,7 @@ class ArmMonitor:
                 arm=Arm(fact.arm),
                 occurred_at=now,
                 raised_at=now,
-                evidence=evidence,
+                evidence=bounded(evidence),
                 summary=summary,
             )
         ]
