@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.unit.test_demo_cohort import CATALOGUE
 from trialwatch.cohort import generate
 from trialwatch.contract import MASKED_EVIDENCE, AlertMessage, mask, reveals_arm
 from trialwatch.demo import demo_cohort
@@ -30,23 +31,6 @@ if TYPE_CHECKING:
 
 CST = timezone(timedelta(hours=8))
 
-# Every rule of the v1 catalogue (contract) and the arm-level monitor's.
-CATALOGUE = [
-    "lab.platelets.low",
-    "lab.bilirubin.high",
-    "lab.ctcae.grade3plus",
-    "ae.grade3plus",
-    "ae.serious",
-    "sbrt.window.at_risk",
-    "sbrt.window.missed",
-    "protocol.crossover",
-    "protocol.systemic_held_during_sbrt",
-    "protocol.regimen_mismatch",
-    "rild.suspected",
-    "recist.progression",
-    "eligibility.violation",
-    "dsmb.toxicity_boundary",
-]
 # The contract's line for trial.alerts.masked.v1 names these as revealing the arm.
 ARM_REVEALING_RULES = [
     "sbrt.window.at_risk",
