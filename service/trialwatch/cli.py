@@ -154,9 +154,18 @@ def cmd_hl7(args: argparse.Namespace) -> int:
         configure_logging(settings.log_level, settings.log_format)
         asyncio.run(_listen(settings, mapping, args.host or settings.mllp_host, args.listen, args.dry_run))
         return 0
-    with _open(args.file) as f:
-        text = f.read()
+    # Bytes, so that a message in another encoding is refused alone rather than ending the command.
+    with contextlib.nullcontext(sys.stdin.buffer) if args.file == "-" else Path(args.file).open("rb") as f:
+        text = f.read().decode(settings.hl7_encoding, errors="surrogateescape")
     return asyncio.run(_hl7_file(settings, mapping, text, args.dry_run))
+
+
+def _is_text(message: str, encoding: str) -> bool:
+    try:
+        message.encode(encoding)
+    except UnicodeEncodeError:  # bytes the file's decoding kept as lone surrogates
+        return False
+    return True
 
 
 async def _hl7_file(settings: Settings, mapping: AdapterMapping, text: str, dry_run: bool) -> int:
@@ -178,7 +187,10 @@ async def _hl7_file(settings: Settings, mapping: AdapterMapping, text: str, dry_
     async with _sink(settings, dry_run) as sink:
         intake = Hl7Intake(mapping, sink, logger=quiet)
         for number, message in enumerate(split_messages(text), start=1):
-            answer = await intake.handle(message)
+            if _is_text(message, settings.hl7_encoding):
+                answer = await intake.handle(message)
+            else:
+                answer = intake.refuse(f"message is not {settings.hl7_encoding} text")
             counts[answer.ack_code] += 1
             print(
                 f"message {number} (MSH-10 {answer.control_id or '?'}): {answer.ack_code} {answer.text}",

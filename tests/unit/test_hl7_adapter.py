@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 
 from trialwatch.adapters.hl7v2 import OruOutcome, ack_message, map_oru, split_messages
 from trialwatch.adapters.mapping import AdapterMapping, MappingFileError, load_mapping
+from trialwatch.cli import main
 from trialwatch.contract import Lab
 
 # Synthetic: MRN0001 is a made-up hospital record number, TW-101 a made-up subject code.
@@ -253,3 +256,117 @@ class TestMappingFile:
         path.write_text('site_id = "SITE-GZ"\n[local_codes]\nNA = "sodium"\n')
         with pytest.raises(MappingFileError, match=r"local_codes\.NA"):
             load_mapping(path)
+
+
+def with_value(value: str) -> str:
+    """A platelets message whose OBX-5 is `value` (wire text, escapes as written)."""
+    return oru(PLATELETS.replace("||20|", f"||{value}|"))
+
+
+class TestEveryMessageIsAnswered:
+    """Issue 10, defect 6: the mapping is total; a bad field is AE naming the field, never an exception."""
+
+    @pytest.mark.parametrize(
+        ("message", "expected"),
+        [
+            # python-hl7 raises ValueError on a formatting command with a non-numeric count.
+            (with_value("\\.spZ\\"), "OBX-5"),
+            (with_value("2\\.in1x\\0"), "OBX-5"),
+            # timezone() raises ValueError for offsets of 24 h or more.
+            (oru(PLATELETS).replace("20250305103000+0800", "20250305103000+2400"), "MSH-7"),
+            (oru(PLATELETS.replace("080000+0800", "080000-2500")), "OBX-14"),
+            (oru(PLATELETS.replace("080000+0800", "080000+0860")), "OBX-14"),
+            # python-hl7 drops what it cannot unescape, so these read as "20": a value the sender never sent.
+            (with_value("2\\Z\\0"), "OBX-5"),
+            (with_value("2\\XZZ\\0"), "OBX-5"),
+            (with_value("2\\C2842\\0"), "OBX-5"),
+            (with_value("2\\\\0"), "OBX-5"),
+            (with_value("20\\"), "OBX-5"),
+            (with_value("2\\0"), "OBX-5"),
+        ],
+    )
+    def test_a_field_python_hl7_cannot_read_is_an_error(self, message: str, expected: str) -> None:
+        outcome = map_oru(message, MAPPING)
+        assert ("AE", ()) == (outcome.ack_code, outcome.events), outcome.reason
+        assert expected in outcome.reason
+        assert ack_message(outcome, datetime(2025, 3, 5, tzinfo=UTC)).startswith("MSH|")
+
+    @pytest.mark.parametrize("sequence", ["\\.in50000000\\", "\\.sp50000000\\", "\\.ti50000000\\", "\\.sk50000000\\"])
+    def test_escape_expansion_is_bounded(self, sequence: str) -> None:
+        # python-hl7 expands \.in50000000\ to 200 million characters (then strip() leaves '').
+        tracemalloc.start()
+        try:
+            outcome = map_oru(with_value(sequence), MAPPING)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert ("AE", "OBX-5") == (outcome.ack_code, outcome.reason.split(": ")[1][:5]), outcome.reason
+        assert peak < 8 << 20, f"{peak:,} bytes"
+
+    @pytest.mark.parametrize(("value", "expected"), [("\\X32\\0", 20.0), ("2\\.in4\\0", None), ("\\H\\20\\N\\", None)])
+    def test_bounded_escapes_read_as_python_hl7_reads_them(self, value: str, expected: float | None) -> None:
+        # \X32\ is "2"; an indent inside a number or highlighting ("_" in python-hl7) is no number.
+        outcome = map_oru(with_value(value), MAPPING)
+        if expected is None:
+            assert ("AE", "not a number") == (outcome.ack_code, outcome.reason[-12:]), outcome.reason
+        else:
+            assert expected == only_lab(outcome).value
+
+    def test_too_many_segments_are_rejected_before_parsing(self) -> None:
+        # 789 kB, 10,000 OBX: held the event loop 2.1 s in python-hl7.
+        obx = [PLATELETS.replace("OBX|1|", f"OBX|{n}|") for n in range(1, 10_001)]
+        outcome = map_oru(oru(*obx), MAPPING)
+        assert "AR" == outcome.ack_code
+        assert "segments" in outcome.reason
+
+    def test_a_delimiter_bomb_is_rejected_before_parsing(self) -> None:
+        # python-hl7 builds an object per delimiter: 1 MiB of '|' took 450 MiB and 19 s.
+        outcome = map_oru(oru(PLATELETS + "|" * 300_000), MAPPING)
+        assert "AR" == outcome.ack_code
+        assert "delimiters" in outcome.reason
+
+    def test_a_set_id_that_is_no_hl7_sequence_id_is_an_error(self) -> None:
+        # It becomes part of the event id, which the model copy once took past the contract's bound.
+        outcome = map_oru(oru(PLATELETS.replace("OBX|1|", "OBX|" + "7" * 200_000 + "|")), MAPPING)
+        assert ("AE", ()) == (outcome.ack_code, outcome.events)
+        assert "OBX-1: set ID" in outcome.reason
+
+    def test_framing_bytes_in_echoed_fields_are_escaped(self) -> None:
+        # MSH-4 echoed raw in MSH-6 put MLLP's start and end blocks in the middle of the ACK.
+        outcome = map_oru(oru(PLATELETS).replace("|LIS|GZH|", "|LIS|G\x0bZ\x1cH|", 1), MAPPING)
+        ack = ack_message(outcome, datetime(2025, 3, 5, tzinfo=UTC))
+        assert "\x1c" not in ack
+        assert "\x0b" not in ack
+        assert "|LIS|G\\X0B\\Z\\X1C\\H|" in ack
+
+    def test_echoed_text_is_bounded(self) -> None:
+        outcome = map_oru(with_value("x" * 500_000), MAPPING)
+        assert "AE" == outcome.ack_code
+        assert len(ack_message(outcome, datetime(2025, 3, 5, tzinfo=UTC))) < 2_000
+
+
+class TestTheCommandGoesOn:
+    """Issue 10, defect 6: `trialwatch hl7 FILE` reports a bad message and goes on to the next."""
+
+    def test_messages_that_raised_are_reported_and_the_rest_are_sent(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        mapping = tmp_path / "mapping.toml"
+        mapping.write_text('site_id = "SITE-GZ"\n[subjects]\nMRN0001 = "TW-101"\n')
+        messages = [
+            oru(PLATELETS, control="M1").encode(),
+            with_value("\\.spZ\\").replace("MSG0001", "M2").encode(),
+            oru(PLATELETS, control="M3").replace("+0800||", "+2400||", 1).encode(),
+            with_value("2\xff0").replace("MSG0001", "M4").encode("latin-1"),
+            oru(PLATELETS, control="M5").encode(),
+        ]
+        path = tmp_path / "in.hl7"
+        path.write_bytes(b"\n\n".join(m.replace(b"\r", b"\n") for m in messages) + b"\n")
+
+        code = main(["hl7", str(path), "--mapping", str(mapping), "--dry-run"])
+
+        out, err = capsys.readouterr()
+        assert 1 == code
+        assert ["hl7:M1:1:1", "hl7:M5:1:1"] == [json.loads(line)["value"]["event_id"] for line in out.splitlines()]
+        assert ["AA", "AE", "AE", "AR", "AA"] == [line.split(": ")[1].split(" ")[0] for line in err.splitlines()[:5]]
+        assert "accepted 2, errors (AE) 2, rejected (AR) 1" in err

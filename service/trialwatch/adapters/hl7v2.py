@@ -7,6 +7,13 @@ command are shells around `map_oru` and `ack_message`.
 A message is mapped as a whole: when any OBX cannot be mapped the message is
 answered AE and none of its results are published, so the sender fixes and
 re-sends one message rather than a remainder.
+
+`map_oru` is total: every message is answered AA, AE or AR, whatever it holds.
+python-hl7 is given only messages within a budget of segments and delimiters
+(it builds a Python object per delimiter), and its unescaping is not used:
+fields are unescaped here, with a bound on how much escape sequences may
+expand and a refusal for the sequences python-hl7 would drop, raise on or log
+(its log records quote the whole field, PID-3 included).
 """
 
 from __future__ import annotations
@@ -53,8 +60,23 @@ _UPPER = re.compile(r"^\s*(<|<=|≤)\s*(?P<high>\d+(\.\d+)?)\s*$")
 _LOWER = re.compile(r"^\s*(>|>=|≥)\s*(?P<low>\d+(\.\d+)?)\s*$")
 
 # The longest MSH-10 we accept: it becomes part of event ids, which the
-# contract caps at 128 characters.
+# contract caps at 128 characters. Other MSH fields an ACK echoes are cut there too.
 MAX_CONTROL_ID = 64
+
+# What python-hl7 is given. It builds Python objects for every delimiter
+# (1 MiB of '|' took 450 MiB and 19 s; 10 µs and 450 bytes a delimiter), so a
+# message is refused before parsing when it is longer, or has more segments or
+# delimiters, than a laboratory sends in one ORU^R01 (a panel is 10 to 50
+# segments of about 16 delimiters): at most about 0.25 s and 12 MiB to parse.
+MAX_MESSAGE_CHARS = 1 << 20
+MAX_SEGMENTS = 1_000
+MAX_DELIMITERS = 25_000
+# How many characters escape sequences may add to one field (\.in50000000\ in
+# python-hl7: 200 million), and how long an MSA-3 reason may be.
+MAX_ESCAPE_GROWTH = 1_024
+MAX_REASON = 300
+# How much of a message is read for the MSH fields an ACK echoes.
+HEADER_SCAN = 4_096
 
 
 @dataclass(frozen=True)
@@ -98,6 +120,15 @@ class _Refused(Exception):
         self.reason = reason
 
 
+class _BadField(Exception):
+    """A field that cannot be read as text; `problem` never quotes it (it may be PID-3)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
 def split_messages(text: str) -> list[str]:
     """Messages of a file: MLLP-framed blocks, or plain messages separated by blank lines."""
     if "\x0b" in text:
@@ -115,17 +146,33 @@ def split_messages(text: str) -> list[str]:
     return messages
 
 
+# The MSA-3 of a message the mapping failed on: a defect of ours, not of the message.
+INTERNAL_ERROR = "internal error of the trialwatch adapter"
+
+
 def map_oru(text: str, mapping: AdapterMapping) -> OruOutcome:
-    """Map one ORU^R01 message to `trial.labs.v1` events (AA), or say why not (AE, AR)."""
-    header = _lenient_header(text)
+    """Map one ORU^R01 message to `trial.labs.v1` events (AA), or say why not (AE, AR). Never raises."""
+    header = MessageHeader()
     try:
+        header = read_header(text)
         message = _parse(text)
         header = _header(message)
         _check_header(message, header)
         events, ignored = _lab_events(message, header, mapping)
     except _Refused as refused:
-        return OruOutcome(header, refused.code, reason=refused.reason)
+        return OruOutcome(header, refused.code, reason=_clip(refused.reason))
+    except _BadField as bad:
+        return OruOutcome(header, "AE", reason=_clip(str(bad)))
+    except Exception as exc:  # noqa: BLE001 (total: a defect here must still be answered, and never crash a listener)
+        # AE, not AR: re-sending the same message would fail the same way. Only
+        # the exception's type is shown; its text may quote a field.
+        reason = f"{INTERNAL_ERROR} ({type(exc).__name__}); nothing was published, tell the trial team"
+        return OruOutcome(header, "AE", reason=reason)
     return OruOutcome(header, "AA", tuple(events), ignored=ignored)
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
 
 
 def _normalise(text: str) -> str:
@@ -133,39 +180,136 @@ def _normalise(text: str) -> str:
     return "\r".join(line for line in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if line.strip())
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNPARSEABLE = "not a parseable HL7 v2 message (check the MSH segment and encoding characters)"
+
+
 def _parse(text: str) -> hl7.Message:
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise _Refused("AR", f"message longer than {MAX_MESSAGE_CHARS:,} characters")
     text = _normalise(text)
     if not text.startswith("MSH"):
         raise _Refused("AR", "not an HL7 v2 message: it does not start with an MSH segment")
+    if _SURROGATE.search(text):
+        # Text decoded with errors="surrogateescape": its events could not be serialised.
+        raise _Refused("AR", "message holds bytes that are not characters of its encoding")
+    # python-hl7 raises IndexError, ParseException, ... for what it cannot
+    # parse; its messages can quote segment text, which may include PID: not shown.
+    try:
+        separators = hl7.parser.create_parse_plan(text).separators
+    except Exception:  # noqa: BLE001 (see above)
+        raise _Refused("AR", _UNPARSEABLE) from None
+    _check_budget(text, separators)
     try:
         return hl7.parse(text)
-    except Exception:  # noqa: BLE001 (python-hl7 raises IndexError, ParseException, ...; all mean unparseable)
-        # Its messages can quote segment text, which may include PID: not shown.
-        raise _Refused("AR", "not a parseable HL7 v2 message (check the MSH segment and encoding characters)") from None
+    except Exception:  # noqa: BLE001 (see above)
+        raise _Refused("AR", _UNPARSEABLE) from None
+
+
+def _check_budget(text: str, separators: str) -> None:
+    """Refuse, before python-hl7 sees it, a message with more segments or delimiters than it may parse."""
+    segments = text.count("\r") + 1
+    if segments > MAX_SEGMENTS:
+        raise _Refused("AR", f"message has {segments:,} segments, more than {MAX_SEGMENTS:,}; send it as several")
+    # python-hl7 splits on the segment, field, repetition, component and subcomponent separators.
+    delimiters = sum(text.count(c) for c in set(separators[1:]))
+    if delimiters > MAX_DELIMITERS:
+        raise _Refused(
+            "AR", f"message has {delimiters:,} field delimiters, more than {MAX_DELIMITERS:,}; send it as several"
+        )
 
 
 def _field(segment: Any, number: int, repetition: int = 1, component: int = 1) -> str:
-    """One field, repetition and component as unescaped text ('' when absent)."""
-    try:
-        return str(segment.extract_field(1, number, repetition, component, 1)).strip()
-    except (IndexError, AttributeError, TypeError):
+    """One field, repetition and component as unescaped text ('' when absent); `_BadField` when unreadable."""
+    raw = _raw(segment, number, repetition, component)
+    if not raw:
         return ""
+    return _unescape(raw, segment.esc, segment.separators, f"{str(segment[0]).strip()}-{number}").strip()
 
 
-def _lenient_header(text: str) -> MessageHeader:
-    """MSH fields read without the parser, so that even an unparseable message's ACK echoes MSH-10."""
-    first = _normalise(text).split("\r", 1)[0]
-    if not first.startswith("MSH") or len(first) < 4:
+def _raw(segment: Any, number: int, repetition: int, component: int) -> str:
+    """A component's wire text (its first subcomponent), found as python-hl7's extract_field finds it."""
+    if segment is None or number >= len(segment):
+        return ""
+    try:
+        value = segment(number)(repetition)
+        if isinstance(value, hl7.Repetition):
+            value = value(component) if component <= len(value) else ""
+        elif component > 1:
+            return ""
+        if isinstance(value, hl7.Component):
+            value = value(1) if len(value) else ""
+    except IndexError:
+        return ""
+    return str(value)
+
+
+# HL7 v2 section 2.7 (2.10 in older versions): the sequences python-hl7 knows,
+# expanded as it expands them. Formatting commands may take a count (\.sp3\).
+_FORMATTING = {".br": "\r", ".sp": "\r", ".ce": "\r", ".fi": "", ".nf": "", ".in": "    ", ".ti": "    ", ".sk": " "}
+_COUNT = re.compile(r"[+-]?\d{1,6}", re.ASCII)
+_HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+", re.ASCII)
+
+
+def _unescape(text: str, escape: str, separators: str, name: str) -> str:
+    """A field's text with its escape sequences replaced, never growing by more than MAX_ESCAPE_GROWTH.
+
+    What python-hl7 would drop (an unknown, empty, unclosed or character-set
+    sequence, bad hex) is refused rather than dropped: `2\\Z\\0` is not 20.
+    """
+    if not escape or escape not in text:
+        return text
+    parts = text.split(escape)
+    if len(parts) % 2 == 0:
+        raise _BadField(name, "an escape sequence is not closed")
+    named = {"F": separators[1], "R": separators[2], "S": separators[3], "T": separators[4], "E": escape}
+    named |= {"H": "_", "N": "_"}  # highlighting: python-hl7's stand-in
+    out, growth = [parts[0]], 0
+    for sequence, literal in zip(parts[1::2], parts[2::2], strict=True):
+        value = _expand(sequence, named, name)
+        growth += len(value) - len(sequence) - 2
+        if growth > MAX_ESCAPE_GROWTH:
+            raise _BadField(name, f"escape sequences make it more than {MAX_ESCAPE_GROWTH:,} characters longer")
+        out += (value, literal)
+    return "".join(out)
+
+
+def _expand(sequence: str, named: dict[str, str], name: str) -> str:
+    if sequence in named:
+        return named[sequence]
+    if sequence in _FORMATTING:
+        return _FORMATTING[sequence]
+    if sequence[:3] in _FORMATTING and _COUNT.fullmatch(sequence[3:]):
+        count = int(sequence[3:])
+        if count > MAX_ESCAPE_GROWTH:
+            raise _BadField(name, f"a formatting escape sequence repeats more than {MAX_ESCAPE_GROWTH:,} times")
+        return _FORMATTING[sequence[:3]] * count
+    if sequence[:1] == "X" and _HEX.fullmatch(sequence[1:]):
+        return "".join(map(chr, bytes.fromhex(sequence[1:])))
+    # Not quoted: in PID-3 the sequence may be part of a record number.
+    kind = "an empty escape sequence" if not sequence else "an escape sequence HL7 does not define"
+    raise _BadField(name, f"{kind} (or one with a bad count, bad hex or another character set)")
+
+
+def read_header(text: str) -> MessageHeader:
+    """MSH fields read without the parser, so that even an unparseable (or oversize) message's ACK echoes MSH-10.
+
+    Only the start of the text is read: an MSH segment that does not end
+    within HEADER_SCAN characters gives an empty header.
+    """
+    lines = _normalise(text[:HEADER_SCAN]).split("\r", 1)
+    first = lines[0]
+    if not first.startswith("MSH") or len(first) < 4 or (len(lines) == 1 and len(text) > HEADER_SCAN):
         return MessageHeader()
     fields = first.split(first[3])
     component = first[4] if len(fields) > 1 and fields[1] else "^"
 
     def get(n: int) -> str:
         # MSH-1 is the separator itself, so MSH-n is fields[n - 1].
-        return fields[n - 1].split(component)[0].strip() if len(fields) > n - 1 else ""
+        return fields[n - 1].split(component)[0].strip()[:MAX_CONTROL_ID] if len(fields) > n - 1 else ""
 
     return MessageHeader(
-        control_id=get(10)[:MAX_CONTROL_ID],
+        control_id=get(10),
         sending_application=get(3),
         sending_facility=get(4),
         receiving_application=get(5),
@@ -177,15 +321,19 @@ def _lenient_header(text: str) -> MessageHeader:
 
 def _header(message: hl7.Message) -> MessageHeader:
     msh = message.segment("MSH")
+
+    def get(n: int, component: int = 1) -> str:
+        return _field(msh, n, component=component)[:MAX_CONTROL_ID]
+
     return MessageHeader(
-        control_id=_field(msh, 10)[:MAX_CONTROL_ID],
-        sending_application=_field(msh, 3),
-        sending_facility=_field(msh, 4),
-        receiving_application=_field(msh, 5),
-        receiving_facility=_field(msh, 6),
-        processing_id=_field(msh, 11) or "P",
-        version=_field(msh, 12) or "2.5.1",
-        trigger=_field(msh, 9, component=2) or "R01",
+        control_id=get(10),
+        sending_application=get(3),
+        sending_facility=get(4),
+        receiving_application=get(5),
+        receiving_facility=get(6),
+        processing_id=get(11) or "P",
+        version=get(12) or "2.5.1",
+        trigger=get(9, component=2) or "R01",
     )
 
 
@@ -208,44 +356,54 @@ def _segments(message: hl7.Message) -> Iterator[tuple[str, Any]]:
 
 
 def _lab_events(message: hl7.Message, header: MessageHeader, mapping: AdapterMapping) -> tuple[list[Lab], int]:
-    sender_offset = _offset(_field(message.segment("MSH"), 7))
+    sender_offset = _offset(_field(message.segment("MSH"), 7), "MSH-7")
     subject: str | None = None
     seen_pid = False
     obr: Any = None
-    obr_number = 0
-    events: list[Lab] = []
-    ignored = 0
-    event_ids: set[str] = set()
-    obx_number = 0
+    obr_id = "0"
+    obr_number = obx_number = ignored = 0
+    events: dict[str, Lab] = {}
     for name, segment in _segments(message):
         if name == "PID":
-            seen_pid = True
-            subject = _subject(segment, mapping)
-            obr = None
+            seen_pid, subject, obr, obr_id = True, _subject(segment, mapping), None, str(obr_number)
         elif name == "OBR":
-            obr = segment
-            obr_number += 1
-            obx_number = 0
+            obr, obr_number, obx_number = segment, obr_number + 1, 0
+            obr_id = _set_id(segment, obr_number)
         elif name == "OBX":
             obx_number += 1
-            where = f"OBX {_field(segment, 1) or obx_number}"
+            obx_id = _set_id(segment, obx_number)
+            where = f"OBX {obx_id}"
             if subject is None:
                 raise _Refused("AR", f"{where} comes before any PID segment")
-            lab = _lab(segment, obr, header, mapping, subject, sender_offset, where)
+            event_id = f"hl7:{header.control_id}:{obr_id}:{obx_id}"
+            try:
+                lab = _lab(segment, obr, header, mapping, subject, sender_offset, where, event_id)
+            except _BadField as bad:
+                raise _Refused("AE", f"{where}: {bad}") from None
             if lab is None:
                 ignored += 1
-                continue
-            event_id = f"hl7:{header.control_id}:{_field(obr, 1) or obr_number}:{_field(segment, 1) or obx_number}"
-            if event_id in event_ids:
+            elif event_id in events:
                 raise _Refused("AE", f"{where}: OBX-1 set ID repeats within its OBR group")
-            event_ids.add(event_id)
-            lab = lab.model_copy(update={"event_id": event_id})
-            events.append(lab)
+            else:
+                events[event_id] = lab
     if not seen_pid:
         raise _Refused("AR", "the message has no PID segment")
     if not events and not ignored:
         raise _Refused("AE", "the message carries no OBX result")
-    return events, ignored
+    return list(events.values()), ignored
+
+
+_SET_ID = re.compile(r"\d{1,4}", re.ASCII)
+
+
+def _set_id(segment: Any, position: int) -> str:
+    """OBR-1 or OBX-1 (HL7 SI: up to 4 digits), else the segment's position; part of event ids."""
+    text = _field(segment, 1)
+    if not text:
+        return str(position)
+    if not _SET_ID.fullmatch(text):
+        raise _BadField(f"{str(segment[0]).strip()}-1", "set ID is not a number of up to 4 digits")
+    return text
 
 
 def _subject(pid: Any, mapping: AdapterMapping) -> str:
@@ -275,6 +433,7 @@ def _lab(
     subject: str,
     sender_offset: timezone | None,
     where: str,
+    event_id: str,
 ) -> Lab | None:
     code, system = _field(obx, 3, component=1), _field(obx, 3, component=3)
     alt_code, alt_system = _field(obx, 3, component=4), _field(obx, 3, component=6)
@@ -328,8 +487,7 @@ def _lab(
         )
 
     value: dict[str, Any] = {
-        # Replaced by the caller; it depends on the result's place in the message.
-        "event_id": "pending",
+        "event_id": event_id,
         "subject_id": subject,
         "site_id": mapping.site_id,
         "occurred_at": occurred_at.isoformat(),
@@ -377,12 +535,15 @@ def _reference_range(text: str, where: str) -> tuple[float | None, float | None]
     raise _Refused("AE", f"{where}: OBX-7 reference range {text!r} is not 'low-high', '<high' or '>low'")
 
 
-def _offset(text: str) -> timezone | None:
+def _offset(text: str, name: str) -> timezone | None:
     m = _DTM.match(text)
     if m is None or m["tz"] is None:
         return None
     sign = -1 if m["tz"][0] == "-" else 1
     hours, minutes = int(m["tz"][1:3]), int(m["tz"][3:5])
+    # Offsets in use run from -12:00 to +14:00; timezone() raises from 24:00.
+    if minutes > 59 or hours * 60 + minutes > 14 * 60:
+        raise _BadField(name, f"UTC offset {m['tz']} is outside -1200 to +1400 ({text!r})")
     return timezone(sign * timedelta(hours=hours, minutes=minutes))
 
 
@@ -399,7 +560,7 @@ def _observed_at(obx: Any, obr: Any, sender_offset: timezone | None, where: str)
         )
     # HL7 v2: a time without an offset is in the sender's time zone, which
     # MSH-7 states when it has an offset. Without either, the time is ambiguous.
-    tz = _offset(text) or sender_offset
+    tz = _offset(text, name) or sender_offset
     if tz is None:
         raise _Refused("AE", f"{where}: {name} {text!r} has no UTC offset and MSH-7 gives none either")
     try:
@@ -414,10 +575,15 @@ def _observed_at(obx: Any, obr: Any, sender_offset: timezone | None, where: str)
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("~", "\\R\\"), ("&", "\\T\\"))
 
 
+# Other control characters, 0x0B and 0x1C (MLLP's start and end blocks) among them.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _escape(text: str) -> str:
     for raw, escaped in _ESCAPES:
         text = text.replace(raw, escaped)
-    return text.replace("\r", " ").replace("\n", " ")
+    text = text.replace("\r", " ").replace("\n", " ")
+    return _CONTROL.sub(lambda m: f"\\X{ord(m[0]):02X}\\", text)
 
 
 def ack_text(outcome: OruOutcome) -> str:
@@ -454,6 +620,7 @@ def ack_message(outcome: OruOutcome, now: datetime, application: str = "TRIALWAT
 
 
 __all__ = [
+    "INTERNAL_ERROR",
     "MLLP_END",
     "MLLP_START",
     "AckCode",
@@ -462,5 +629,6 @@ __all__ = [
     "ack_message",
     "ack_text",
     "map_oru",
+    "read_header",
     "split_messages",
 ]
