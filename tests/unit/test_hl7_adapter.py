@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import sys
 import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
+import hl7
 import pytest
+import structlog
 
+from trialwatch.adapters import EventFileSink
 from trialwatch.adapters.hl7v2 import OruOutcome, ack_message, map_oru, split_messages
 from trialwatch.adapters.mapping import AdapterMapping, MappingFileError, load_mapping
+from trialwatch.adapters.mllp import Hl7Intake
 from trialwatch.cli import main
 from trialwatch.contract import Lab
 
@@ -370,3 +377,38 @@ class TestTheCommandGoesOn:
         assert ["hl7:M1:1:1", "hl7:M5:1:1"] == [json.loads(line)["value"]["event_id"] for line in out.splitlines()]
         assert ["AA", "AE", "AE", "AR", "AA"] == [line.split(": ")[1].split(" ")[0] for line in err.splitlines()[:5]]
         assert "accepted 2, errors (AE) 2, rejected (AR) 1" in err
+
+
+# Synthetic: a made-up record number in the shape of the one the fuzz run leaked.
+LEAKED_MRN = "MRN8675309"
+
+
+class TestNoRecordNumberInLogs:
+    """Issue 10, defect 7: nothing the adapter or python-hl7 logs carries a PID-3 value."""
+
+    @pytest.mark.parametrize("suffix", ["\\Z\\", "\\C2842\\", "\\M2442\\", "\\XZZ\\", "\\\\", "\\.spZ\\", "\\"])
+    async def test_a_bad_escape_in_pid3_leaves_the_record_number_out_of_every_log(
+        self, suffix: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        logger = structlog.wrap_logger(
+            structlog.PrintLogger(sys.stderr), processors=[structlog.processors.KeyValueRenderer()]
+        )
+        intake = Hl7Intake(MAPPING, EventFileSink(io.StringIO()), logger=logger)
+        answer = await intake.handle(oru(PLATELETS, pid=f"PID|1||{LEAKED_MRN}{suffix}^^^GZH^MR"))
+        out, err = capsys.readouterr()
+        assert answer.ack_code in ("AE", "AR")
+        assert "hl7_message_refused" in err  # the intake did log, without the number
+        seen = caplog.text + out + err + answer.ack
+        assert "8675309" not in seen
+
+    def test_python_hl7s_own_logger_reaches_no_handler(
+        self, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # Even code that calls the library's unescaping directly logs nothing anyone sees.
+        caplog.set_level(logging.DEBUG)
+        pid = hl7.parse(oru(PLATELETS, pid=f"PID|1||{LEAKED_MRN}\\Z\\^^^GZH^MR")).segment("PID")
+        assert LEAKED_MRN == pid.extract_field(1, 3, 1, 1)
+        out, err = capsys.readouterr()
+        assert [] == [r.getMessage() for r in caplog.records if "8675309" in r.getMessage()]
+        assert "8675309" not in out + err

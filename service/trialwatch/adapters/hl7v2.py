@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,6 +129,31 @@ class _BadField(Exception):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _silence_python_hl7() -> None:
+    """python-hl7's log records quote whole fields (`Error decoding value [Z], field [MRN...\\Z\\]`): none leaves it.
+
+    Its loggers are named after its files (`logging.getLogger(__file__)`), so
+    they are found by that name as well as under `hl7`. A filter on the logger
+    itself drops a record before any handler sees it, and logging.config
+    leaves filters (and `propagate`) of loggers it is not told about alone.
+    """
+    package_dir = os.path.dirname(hl7.__file__)
+    logging.getLogger("hl7")  # its children, should a later version use __name__
+    for name in list(logging.Logger.manager.loggerDict):
+        if name == "hl7" or name.startswith(("hl7.", package_dir)):
+            logger = logging.getLogger(name)
+            logger.addFilter(_DropAll())
+            logger.propagate = False
+
+
+_silence_python_hl7()
 
 
 def split_messages(text: str) -> list[str]:
