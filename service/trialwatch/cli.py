@@ -147,12 +147,18 @@ def cmd_hl7(args: argparse.Namespace) -> int:
     if (args.file is None) == (args.listen is None):
         print("give either FILE (or -) or --listen PORT", file=sys.stderr)
         return 2
+    if args.idle_timeout <= 0 or args.max_connections < 1:
+        print("--idle-timeout must be above 0 and --max-connections at least 1", file=sys.stderr)
+        return 2
     mapping = _adapter_mapping(args, settings)
     if mapping is None:
         return 2
     if args.listen is not None:
         configure_logging(settings.log_level, settings.log_format)
-        asyncio.run(_listen(settings, mapping, args.host or settings.mllp_host, args.listen, args.dry_run))
+        host = args.host or settings.mllp_host
+        asyncio.run(
+            _listen(settings, mapping, host, args.listen, args.dry_run, args.idle_timeout, args.max_connections)
+        )
         return 0
     # Bytes, so that a message in another encoding is refused alone rather than ending the command.
     with contextlib.nullcontext(sys.stdin.buffer) if args.file == "-" else Path(args.file).open("rb") as f:
@@ -200,7 +206,15 @@ async def _hl7_file(settings: Settings, mapping: AdapterMapping, text: str, dry_
     return 0 if counts["AE"] == counts["AR"] == 0 else 1
 
 
-async def _listen(settings: Settings, mapping: AdapterMapping, host: str, port: int, dry_run: bool) -> None:
+async def _listen(
+    settings: Settings,
+    mapping: AdapterMapping,
+    host: str,
+    port: int,
+    dry_run: bool,
+    idle_timeout: float,
+    max_connections: int,
+) -> None:
     from trialwatch.adapters.mllp import Hl7Intake, start_listener
 
     stop = asyncio.Event()
@@ -208,7 +222,14 @@ async def _listen(settings: Settings, mapping: AdapterMapping, host: str, port: 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with _sink(settings, dry_run) as sink:
-        server = await start_listener(Hl7Intake(mapping, sink), host, port, settings.hl7_encoding)
+        server = await start_listener(
+            Hl7Intake(mapping, sink),
+            host,
+            port,
+            settings.hl7_encoding,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+        )
         await stop.wait()
         # Stop taking connections, then let the publisher flush on the way out.
         server.close()
@@ -316,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="messages separated by blank lines or MLLP-framed; - for stdin")
     p.add_argument("--listen", type=int, metavar="PORT", help="run an MLLP listener on this port instead")
     p.add_argument("--host", help="address to listen on (default: TRIALWATCH_MLLP_HOST, 127.0.0.1)")
+    # Defaults as in trialwatch.adapters.mllp (not imported here: every command would load python-hl7).
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a connection that sends no complete message for this long (default 60)",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=64, metavar="N", help="connections served at once; more are closed"
+    )
     p.add_argument("--mapping", type=Path, help="adapter mapping file (default: TRIALWATCH_ADAPTER_MAPPING)")
     p.add_argument("--dry-run", action="store_true", help="print the events as an event file instead of sending")
     p.set_defaults(func=cmd_hl7)
