@@ -237,6 +237,27 @@ class TestLeadership:
         await run_until(notifier, lambda: len(asked) >= 3)
         assert (0, 0, [], []) == (notifier.passes, feed.syncs, notifier.started, hook.requests)
 
+    async def test_a_busy_notifier_stops_when_cancelled(self) -> None:
+        """Woken without pause (deliveries finishing one after another), it must still stop on shutdown."""
+        notifier = notifier_for(LoadedFeed(), "http://127.0.0.1:9/hook", FakePublisher(), is_leader=lambda: False)
+
+        async def keep_waking() -> None:
+            while True:
+                notifier.wake.set()
+                await asyncio.sleep(0)
+
+        waker = asyncio.create_task(keep_waking())
+        task = asyncio.create_task(notifier.run())
+        try:
+            await asyncio.sleep(0.2)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2.0)
+            assert {task} == done, "the notifier ignored its cancellation"
+        finally:
+            waker.cancel()
+            task.cancel()
+            await asyncio.wait({waker, task}, timeout=1.0)
+
     async def test_on_taking_the_lead_it_reads_the_ledger_first_and_skips_what_was_delivered(
         self, hook_server: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -220,8 +220,12 @@ class Notifier:
         leading = False
         async with aiohttp.ClientSession(timeout=self.timeout) as session:
             while True:
+                # Not wait_for: on 3.11 it swallows a cancellation that arrives
+                # as the wake-up completes, and a busy notifier (woken after
+                # every delivery) then never stops.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+                    async with asyncio.timeout(1.0):
+                        await self.wake.wait()
                 self.wake.clear()
                 if not self.is_leader():
                     if leading:
