@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -9,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -59,17 +61,34 @@ MAX_INPUT_BYTES = 64 * 1024
 # blank, no leading or trailing white space ("TW-001 " would be a second
 # subject). ECMA-262 and the Rust regex engine read \p{C} the same way.
 IDENTIFIER_PATTERN = r"^[^\p{C}\s](?:[^\p{C}]*[^\p{C}\s])?$"
-# Free text: printable; line breaks and tabs allowed; not blank.
-TEXT_PATTERN = r"^(?:[^\p{C}]|[\t\n\r])*[^\p{C}\s](?:[^\p{C}]|[\t\n\r])*$"
+# Labels a site writes (an AE term, an organ): surrounding white space is
+# stripped (padded columns), format characters such as a soft hyphen pasted
+# from a word processor are allowed; control characters and blanks are not.
+# A label never identifies anything, so lenience costs nothing and refusing
+# would drop the record (a serious adverse event).
+LABEL_PATTERN = r"^[^\p{Cc}]+$"
 
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
 SubjectId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 SiteId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 # Other identifiers a publisher makes up: results, scans, lesions, adverse events, sources.
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=IDENTIFIER_PATTERN)]
-Note = Annotated[str, StringConstraints(min_length=1, max_length=2000, pattern=TEXT_PATTERN)]
-Source = Identifier
+Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=LABEL_PATTERN)]
+
+
+def _empty_is_absent(value: Any) -> Any:
+    return None if value == "" else value
+
+
+# Optional text no rule reads (`note`, `source`): an empty string means absent,
+# and any text up to its length is accepted, so a stray character never
+# drops an SBRT fraction or a serious adverse event.
+Note = Annotated[Annotated[str, Field(max_length=2000)] | None, BeforeValidator(_empty_is_absent)]
+Source = Annotated[Annotated[str, Field(max_length=128)] | None, BeforeValidator(_empty_is_absent)]
+
+# Systems stamp `recorded_at` and `occurred_at` from different clocks: a
+# record may seem to precede its event by this much before it is implausible.
+RECORDED_BEFORE_OCCURRED_TOLERANCE = timedelta(hours=24)
 
 # Clinical times a record of this trial can carry: anything outside is a
 # typo or a placeholder (0001-01-01, 9999-12-31), and would overflow the
@@ -110,7 +129,7 @@ class _Input(BaseModel):
     site_id: SiteId
     occurred_at: AwareDatetime
     recorded_at: AwareDatetime | None = None
-    source: Source | None = None
+    source: Source = None
 
     @field_validator("occurred_at", "recorded_at")
     @classmethod
@@ -119,8 +138,8 @@ class _Input(BaseModel):
 
     @model_validator(mode="after")
     def _recorded_after_it_happened(self) -> _Input:
-        if self.recorded_at is not None and self.recorded_at < self.occurred_at:
-            raise implausible("recorded_at is before occurred_at: a record cannot precede what it records")
+        if self.recorded_at is not None and self.recorded_at < self.occurred_at - RECORDED_BEFORE_OCCURRED_TOLERANCE:
+            raise implausible("recorded_at is more than 24 h before occurred_at: a record cannot precede its event")
         return self
 
     @property
@@ -166,10 +185,11 @@ class Treatment(_Input):
     regimen: SecondLineRegimen | None = None
     # SBRT for HCC is given in 1 to 15 fractions; conventional courses stay under 40.
     fraction: Annotated[int, Field(ge=1, le=50)] | None = None
-    # The largest single fractions in use are about 25 Gy.
-    dose_gy: Annotated[float, Field(gt=0, le=30)] | None = None
+    # The dose of this fraction. The largest single fractions in use are 34 Gy
+    # (lung, RTOG 0915); 60 still admits them and catches doses sent in cGy.
+    dose_gy: Annotated[float, Field(gt=0, le=60)] | None = None
     reason: WithdrawalReason | None = None
-    note: Note | None = None
+    note: Note = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Treatment:
@@ -196,9 +216,11 @@ class Lab(_Input):
     loinc: Annotated[str, Field(min_length=1, max_length=16)] | None = None
     value: Annotated[float, Field(ge=0, description="Plausible range per analyte: schemas/units.json")]
     unit: Annotated[str, Field(min_length=1, max_length=32)]
+    # An implausible or inconsistent range is set aside (the engine grades on
+    # the protocol's default range and says so), never a reason to drop a result.
     ref_low: Annotated[float, Field(ge=0)] | None = None
     ref_high: (
-        Annotated[float, Field(gt=0, description="The ULN; plausible range per analyte: schemas/units.json")] | None
+        Annotated[float, Field(ge=0, description="The ULN; plausible range per analyte: schemas/units.json")] | None
     ) = None
     status: LabStatus = "final"
     result_id: Identifier | None = None
@@ -220,12 +242,6 @@ class Lab(_Input):
         if loinc is not None and analyte is not None and loinc not in ANALYTE_LOINC[analyte]:
             raise ValueError(f"LOINC {loinc!r} is not a code of analyte {analyte!r}")
         return loinc
-
-    @model_validator(mode="after")
-    def _range_is_ordered(self) -> Lab:
-        if self.ref_low is not None and self.ref_high is not None and self.ref_low > self.ref_high:
-            raise ValueError("ref_low is greater than ref_high")
-        return self
 
     @model_validator(mode="after")
     def _plausible(self) -> Lab:
@@ -383,25 +399,29 @@ class AlertAck(BaseModel):
 # The blinded stream is an allow-list, never a deny-list: a rule reaches it
 # only when listed here, and of its alert only the fields listed, down to each
 # key of the evidence. Each listed value is either computed by the service
-# from arm-free inputs or a closed vocabulary; free text a site wrote (an
-# adverse event's term) and anything about SBRT (attributed_to, fractions,
-# doses) are not listed, so a new evidence field or a new rule stays off the
-# masked stream until someone decides it is arm-free.
+# from arm-free inputs or a closed vocabulary. Not listed: anything about SBRT
+# (attributed_to, fractions, doses), free text a site wrote (an adverse
+# event's term), and identifiers a site made up (event, result, AE, scan and
+# lesion ids: "CT-3m-post-SBRT" is a scan id a site could send); blinded
+# readers identify an alert by its alert_id. A new evidence field or a new
+# rule stays off the masked stream until someone decides it is arm-free.
 # `True` keeps a value whole (for `parameters`: the protocol's own constants);
-# a nested allow-list keeps those keys of an object, or of every object of a list.
-MaskedFields = dict[str, "bool | MaskedFields"]
+# `COUNT` keeps only the length of a list; a nested allow-list keeps those
+# keys of an object, or of every object of a list.
+COUNT = "count"
+MaskedFields = Mapping[str, "bool | str | MaskedFields"]
 
 _LAB_EVIDENCE: MaskedFields = dict.fromkeys(
     (
-        "event_ids", "analyte", "result_id", "result_status", "value", "unit", "value_as_sent", "unit_as_sent",
+        "analyte", "result_status", "value", "unit", "value_as_sent", "unit_as_sent",
         "uln", "uln_origin", "uln_note", "times_uln", "threshold", "threshold_value", "late_result",
         "resolved_because", "parameters", "protocol_version", "ctcae_version",
     ),
     True,
-) | {"baseline": dict.fromkeys(("value", "at", "abnormal", "event_id"), True)}  # fmt: skip
+) | {"baseline": dict.fromkeys(("value", "at", "abnormal"), True)}  # fmt: skip
 _AE_EVIDENCE: MaskedFields = dict.fromkeys(
     (
-        "event_ids", "ae_id", "grade", "serious", "attribution", "reporting_clock_starts_at", "resolved_because",
+        "grade", "serious", "attribution", "reporting_clock_starts_at", "resolved_because",
         "parameters", "protocol_version", "ctcae_version",
     ),
     True,
@@ -413,19 +433,20 @@ MASKED_EVIDENCE: dict[str, MaskedFields] = {
     "ae.grade3plus": _AE_EVIDENCE,
     "ae.serious": _AE_EVIDENCE,
     "eligibility.violation": dict.fromkeys(
-        ("event_ids", "screening_window_days", "resolved_because", "protocol_version"), True
+        ("screening_window_days", "resolved_because", "protocol_version"), True
     )
-    | {"failures": dict.fromkeys(("criterion", "value", "allowed", "unit", "event_id"), True)},
+    | {"failures": dict.fromkeys(("criterion", "value", "allowed", "unit"), True)},
     "protocol.regimen_mismatch": dict.fromkeys(
-        ("event_ids", "first_line_regimen", "second_line_regimen", "allowed_second_line", "protocol_version"), True
+        ("first_line_regimen", "second_line_regimen", "allowed_second_line", "protocol_version"), True
     ),
     "recist.progression": dict.fromkeys(
         (
-            "event_ids", "scan_id", "sum_mm", "baseline_sum_mm", "target_response", "non_target_response",
-            "new_lesions", "time_point_response", "best_overall_response", "first_progression_at", "protocol_version",
+            "sum_mm", "baseline_sum_mm", "target_response", "non_target_response", "time_point_response",
+            "best_overall_response", "first_progression_at", "protocol_version",
         ),
         True,
-    ),
+    )
+    | {"new_lesions": COUNT},
 }  # fmt: skip
 
 
@@ -447,7 +468,9 @@ def masked_evidence(value: Any, allowed: MaskedFields) -> Any:
         item = value[key]
         if rule is True:
             out[key] = item
-        elif isinstance(rule, dict):
+        elif rule == COUNT:
+            out[key] = len(item) if isinstance(item, list) else None
+        elif isinstance(rule, Mapping):
             out[key] = masked_evidence(item, rule)
     return out
 
@@ -481,7 +504,10 @@ def masked_summary(alert: AlertMessage, evidence: dict[str, Any]) -> str:
             f"{evidence.get('first_line_regimen')}: not what the protocol allows"
         )
     if rule == "recist.progression":
-        return f"RECIST 1.1 progressive disease on scan {evidence.get('scan_id')}"
+        return (
+            f"RECIST 1.1 progressive disease: target {evidence.get('target_response')}, "
+            f"non-target {evidence.get('non_target_response')}, new lesions {evidence.get('new_lesions')}"
+        )
     return f"{rule}: {alert.severity}"
 
 

@@ -15,8 +15,15 @@ UNBLINDED_RULES = "unblinded_only"
 OTHER_SITE = "other"
 
 
-def rule_label(rule: str) -> str:
-    return UNBLINDED_RULES if reveals_arm(rule) else rule
+def alert_labels(rule: str, severity: str, status: str) -> tuple[str, str, str]:
+    """(rule, severity, status) labels of an alert: all three one value for a rule off the masked stream.
+
+    Severity and status alone would tell those rules apart (the stopping
+    boundary is the only critical one, RILD the only high one that resolves).
+    """
+    if reveals_arm(rule):
+        return UNBLINDED_RULES, UNBLINDED_RULES, UNBLINDED_RULES
+    return rule, severity, status
 
 
 def site_label(site_id: str, known_sites: frozenset[str]) -> str:
@@ -49,8 +56,8 @@ class Metrics:
         )
         self.alerts_produced = Counter(
             "trialwatch_alerts_produced_total",
-            "Alert messages produced to the DSMB stream, by rule (the masked stream's rules; every other rule as "
-            f"{UNBLINDED_RULES!r}), severity and status",
+            "Alert messages produced to the DSMB stream, by rule, severity and status (for the masked stream's "
+            f"rules; every other rule's messages under {UNBLINDED_RULES!r} in all three labels)",
             ["rule", "severity", "status"],
             registry=registry,
         )

@@ -53,7 +53,8 @@ def read_event_file(lines: Iterable[str]) -> Iterator[tuple[int, InputEvent | Ba
         if repeated is not None:
             yield line_no, BadLine(line_no, "duplicate_key", f"the key {repeated[:64]!r} appears twice in one object")
             continue
-        result = decode(envelope["topic"], json.dumps(envelope["value"]).encode())
+        # Not ASCII-escaped: the size the live decoder judges is the publisher's UTF-8.
+        result = decode(envelope["topic"], json.dumps(envelope["value"], ensure_ascii=False).encode())
         if isinstance(result, Rejection):
             yield line_no, BadLine(line_no, result.reason, result.detail)
         else:
@@ -133,7 +134,11 @@ class Replay:
         out += alerts
         fact = changed_fact(before, subject_fact(state, self.engine.protocol, event.event_id))
         if fact is not None:
-            self.arms[fact.arm], arm_alerts = self.arm_monitor.apply(self.arms.get(fact.arm), fact, now)
+            try:
+                self.arms[fact.arm], arm_alerts = self.arm_monitor.apply(self.arms.get(fact.arm), fact, now)
+            except Exception as exc:  # noqa: BLE001 - the worker's policy for an arm fact
+                self.errors.append(f"processing_error: {type(exc).__name__} in the arm-level monitor ({where(exc)})")
+                return out
             out += arm_alerts
         return out
 

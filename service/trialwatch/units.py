@@ -194,6 +194,8 @@ def plausible_reference_range(analyte: str, ref_low: float | None, ref_high: flo
     bounds = PLAUSIBLE[analyte]
     if ref_high is not None and not bounds.uln_min <= to_canonical(analyte, ref_high, unit) <= bounds.uln_max:
         return False
+    if ref_low is not None and ref_high is not None and ref_low > ref_high:
+        return False  # swapped columns
     return ref_low is None or to_canonical(analyte, ref_low, unit) <= bounds.uln_max
 
 

@@ -25,18 +25,23 @@ from trialwatch.contract import (
     AlertMessage,
     DeadLetter,
     mask,
+    reveals_arm,
 )
 from trialwatch.decode import Rejection, decode, excerpt
 from trialwatch.engine import Engine, SubjectState, Tick
 from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, changed_fact, subject_fact
 from trialwatch.failures import where
-from trialwatch.metrics import Metrics, rule_label, site_label
+from trialwatch.metrics import Metrics, alert_labels, site_label
 
 # send(topic, key, value) hands a record to the producer and returns an
 # awaitable that completes when Kafka has acknowledged it.
 Send = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
 
 log = structlog.get_logger("trialwatch.worker")
+
+# A subject's state is one changelog record: it must stay under the broker's
+# default max.message.bytes (1,048,588) with room for the record's overhead.
+MAX_STATE_BYTES = 900_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +111,15 @@ class OpenAlertIndex:
         return out
 
 
-def dead_letter_for(record: Record, rejection: Rejection, rejected_at: datetime) -> DeadLetter:
-    """The dead letter of a record: bounded whatever the record's size (its start, length and hash)."""
+def dead_letter_for(
+    record: Record, rejection: Rejection, rejected_at: datetime, *, redacted: bool = False
+) -> DeadLetter:
+    """The dead letter of a record: bounded whatever the record's size (its start, length and hash).
+
+    `redacted`: no key and no payload, only the length and hash (for records that must not be shown).
+    """
     value = record.value or b""
-    payload, truncated = excerpt(value, DEAD_LETTER_EXCERPT_BYTES)
+    payload, truncated = ("", bool(value)) if redacted else excerpt(value, DEAD_LETTER_EXCERPT_BYTES)
     return DeadLetter(
         reason=rejection.reason,
         detail=rejection.detail,
@@ -117,7 +127,7 @@ def dead_letter_for(record: Record, rejection: Rejection, rejected_at: datetime)
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
-        key=excerpt(record.key, 256)[0],
+        key=None if redacted else excerpt(record.key, 256)[0],
         payload=payload or "",
         payload_bytes=len(value),
         payload_sha256=hashlib.sha256(value).hexdigest(),
@@ -237,6 +247,7 @@ class SubjectWorker:
             before = subject_fact(state, self.engine.protocol, "") if state is not None else None
             state, alerts = self.engine.apply(state, event, self.clock())
             after = subject_fact(state, self.engine.protocol, event.event_id)
+            raw = state.to_bytes()
         except Exception as exc:  # noqa: BLE001 - a bug must dead-letter the event, not kill the worker
             await self._processing_failed(record, exc, "rule evaluation", event.event_id, bound)
             return
@@ -245,46 +256,63 @@ class SubjectWorker:
             await self._publish_arm_fact(fact)
         if alerts:
             await self._publish_alerts(alerts, bound)
-            if record.timestamp_s is not None:
+            if record.timestamp_s is not None and not all(reveals_arm(a.rule) for a in alerts):
                 self.metrics.event_to_alert_seconds.observe(max(0.0, time.time() - record.timestamp_s))
         # The state is written after the alerts are acknowledged: a crash in
         # between re-processes the event and re-sends the same (alert_id,
         # revision), never loses it.
-        self._save(record.partition, record.key, state, states)
+        await self._save(record, state, raw, states, event.event_id, bound)
         self.metrics.processing_seconds.observe(time.perf_counter() - started)
 
     async def _handle_tick(self, record: Record, states: MutableMapping[bytes, bytes], bound: Any) -> None:
         """The wall clock passed a subject's deadline: let the engine decide what is due now."""
         try:
             subject_id = json.loads(record.value or b"")["subject_id"]
-        except (ValueError, KeyError, TypeError):
-            bound.error("unreadable tick ignored")
-            return
-        if not record.key or record.key != str(subject_id).encode():
-            return
-        state = self._load(record.key, states)
-        if state is None:
-            return
-        now = self.clock()
-        try:
+            if not record.key or not isinstance(subject_id, str) or record.key != subject_id.encode():
+                raise ValueError("not a tick of this record's subject")
+            state = self._load(record.key, states)
+            if state is None:
+                return
+            now = self.clock()
             state, alerts = self.engine.apply(state, Tick(subject_id, now), now)
+            raw = state.to_bytes()
         except Exception as exc:  # noqa: BLE001 - one policy for every input kind (see _processing_failed)
             # The engine is deterministic: ticking again would fail again. The
             # deadline stays in the state (a restart or the subject's next
             # event re-indexes it); the index stops re-sending it meanwhile.
-            self.deadlines.update(record.partition, record.key, None)
+            if record.key:
+                self.deadlines.update(record.partition, record.key, None)
             await self._processing_failed(record, exc, "deadline evaluation", None, bound)
             return
         if alerts:
             await self._publish_alerts(alerts, bound)
-        assert record.key is not None
-        self._save(record.partition, record.key, state, states)
+        await self._save(record, state, raw, states, None, bound)
 
-    def _save(self, partition: int, key: bytes, state: SubjectState, states: MutableMapping[bytes, bytes]) -> None:
-        """Write the subject's state and keep the in-memory indexes of it in step."""
-        raw = states[key] = state.to_bytes()
-        self._parsed[key] = (raw, state)
-        self.index(partition, key, state)
+    async def _save(
+        self,
+        record: Record,
+        state: SubjectState,
+        raw: bytes,
+        states: MutableMapping[bytes, bytes],
+        event_id: str | None,
+        bound: Any,
+    ) -> None:
+        """Write the subject's state and keep the in-memory indexes of it in step.
+
+        A state too large for a changelog record is not written: Kafka would
+        refuse it in Faust's background producer and crash the worker on the
+        same record forever. The alerts of the record are out already; the
+        record is dead-lettered (processing_error, paged) and the subject
+        stays at its last saved state.
+        """
+        assert record.key is not None
+        if len(raw) > MAX_STATE_BYTES:
+            error = ValueError(f"subject state of {len(raw):,} bytes is over {MAX_STATE_BYTES:,}: not saved")
+            await self._processing_failed(record, error, "saving the subject's state", event_id, bound)
+            return
+        states[record.key] = raw
+        self._parsed[record.key] = (raw, state)
+        self.index(record.partition, record.key, state)
 
     def index(self, partition: int, key: bytes, state: SubjectState | None) -> None:
         """Deadlines and open alerts of one subject, from its state (also called during recovery)."""
@@ -327,13 +355,18 @@ class SubjectWorker:
                 out.append((ALERTS_MASKED, key, masked.model_dump_json().encode()))
         await self._deliver_all(out)
         for alert in alerts:
-            self.metrics.alerts_produced.labels(rule_label(alert.rule), alert.severity, alert.status).inc()
+            self.metrics.alerts_produced.labels(*alert_labels(alert.rule, alert.severity, alert.status)).inc()
+            if reveals_arm(alert.rule):
+                # Logs and metrics are operations' view, and operations are
+                # blinded: which record raised an arm-revealing alert, or its
+                # severity, would tell the arm (a high alert on a lab is RILD).
+                # The DSMB stream is the record of these; no log line.
+                continue
             # Alert ids are opaque hashes: safe to log, unlike subject codes.
-            # Logs are read by operations, who are blinded: the rule as in metrics.
             bound.info(
                 "alert produced",
                 alert_id=alert.alert_id,
-                rule=rule_label(alert.rule),
+                rule=alert.rule,
                 severity=alert.severity,
                 status=alert.status,
                 revision=alert.revision,
@@ -352,10 +385,16 @@ class SubjectWorker:
         """
         bound.error("internal error; record dead-lettered", error=type(exc).__name__, where=where(exc), during=what)
         rejection = Rejection("processing_error", f"{type(exc).__name__} in {what}", [], event_id)
+        if record.topic in (self.ticks_topic, self.arm_facts_topic):
+            # Internal records tell the arm (only SBRT subjects have deadlines; an
+            # arm fact names its arm): their dead letter keeps the coordinates
+            # and the hash, not the key or the payload. The record stays on its topic.
+            await self._dead_letter(record, rejection, bound, redacted=True)
+            return
         await self._dead_letter(record, rejection, bound)
 
-    async def _dead_letter(self, record: Record, rejection: Rejection, bound: Any) -> None:
-        letter = dead_letter_for(record, rejection, self.clock())
+    async def _dead_letter(self, record: Record, rejection: Rejection, bound: Any, *, redacted: bool = False) -> None:
+        letter = dead_letter_for(record, rejection, self.clock(), redacted=redacted)
         # The detail names fields, never their values: it is safe to log.
         bound.warning("input rejected", reason=rejection.reason, detail=rejection.detail)
         await self._deliver_all([(DEADLETTER, record.key or b"", letter.model_dump_json().encode())])

@@ -555,7 +555,6 @@ class TestInvalidValue:
             case("subject_id-empty", LABS, "subject_id", subject_id=""),
             case("subject_id-65-chars", LABS, "subject_id", subject_id="s" * 65),
             case("lab-value-negative", LABS, "value", value=-0.1),
-            case("ref_low-above-ref_high", LABS, "ref_low", ref_low=350, ref_high=125),
             case("loinc-of-hemoglobin-for-platelets", LABS, "loinc", loinc="718-7"),
             case("loinc-garbage", LABS, "loinc", loinc="not-a-code"),
             case("diameter-negative", SCANS, "diameter_mm", lesions=[target_lesion(diameter_mm=-1)]),

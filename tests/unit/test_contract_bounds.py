@@ -34,9 +34,9 @@ TARGET = {"lesion_id": "L1", "organ": "liver", "role": "target", "diameter_mm": 
         pytest.param(LABS, {"occurred_at": "2025-03-01T10:00:00+14:30"}, "implausible_value", id="offset-+14:30"),
         pytest.param(
             LABS,
-            {"occurred_at": "2025-03-02T10:00:00+08:00", "recorded_at": "2025-03-01T10:00:00+08:00"},
+            {"occurred_at": "2025-03-02T10:00:01+08:00", "recorded_at": "2025-03-01T10:00:00+08:00"},
             "implausible_value",
-            id="recorded-before-occurred",
+            id="recorded-over-24h-before-occurred",
         ),
         pytest.param(LABS, {"subject_id": " "}, "invalid_value", id="blank-subject"),
         pytest.param(LABS, {"subject_id": "TW-001\x00"}, "invalid_value", id="nul-in-subject"),
@@ -46,10 +46,12 @@ TARGET = {"lesion_id": "L1", "organ": "liver", "role": "target", "diameter_mm": 
         pytest.param(LABS, {"event_id": "e\u202e1"}, "invalid_value", id="rtl-override-in-event_id"),
         pytest.param(LABS, {"result_id": "r" * 129}, "invalid_value", id="result_id-129-chars"),
         pytest.param(LABS, {"source": "s" * 5000}, "invalid_value", id="source-5000-chars"),
+        pytest.param(ADVERSE_EVENTS, {"term": "Fatigue\x00"}, "invalid_value", id="nul-in-term"),
         pytest.param(ADVERSE_EVENTS, {"term": "x" * 600_00}, "invalid_value", id="term-60k-chars"),
         pytest.param(ADVERSE_EVENTS, {"term": "  "}, "invalid_value", id="blank-term"),
         pytest.param(ADVERSE_EVENTS, {"grade": 5, "serious": False}, "implausible_value", id="grade-5-not-serious"),
-        pytest.param(TREATMENT, {**FRACTION, "dose_gy": 31.0}, "implausible_value", id="dose-31-Gy"),
+        pytest.param(TREATMENT, {**FRACTION, "dose_gy": 800.0}, "implausible_value", id="dose-in-cGy"),
+        pytest.param(TREATMENT, {**FRACTION, "dose_gy": 61.0}, "implausible_value", id="dose-61-Gy"),
         pytest.param(TREATMENT, {**FRACTION, "fraction": 51}, "implausible_value", id="fraction-51"),
         pytest.param(TREATMENT, {**FRACTION, "note": "n" * 2001}, "invalid_value", id="note-2001-chars"),
         pytest.param(SCANS, {"lesions": [{**TARGET, "diameter_mm": 1200.0}]}, "implausible_value", id="lesion-1.2-m"),
@@ -80,7 +82,19 @@ def test_absurd_values_are_dead_lettered(topic: str, overrides: dict[str, Any], 
             id="recorded-same-instant-other-offset",
         ),
         pytest.param(ADVERSE_EVENTS, {"grade": 5, "serious": True}, id="grade-5-serious"),
-        pytest.param(TREATMENT, {**FRACTION, "dose_gy": 30.0, "note": "line one\nline two"}, id="dose-30-Gy"),
+        pytest.param(TREATMENT, {**FRACTION, "dose_gy": 34.0, "note": "line one\nline two"}, id="dose-34-Gy-x1"),
+        # What real systems send and must not cost a record (review of issue 10): each was refused
+        # by the first version of these bounds, dropping an SAE or an SBRT fraction.
+        pytest.param(ADVERSE_EVENTS, {"term": "Hepatic failure ", "serious": True}, id="padded-term"),
+        pytest.param(ADVERSE_EVENTS, {"term": "Hepato\u00adtoxicity"}, id="soft-hyphen-in-term"),
+        pytest.param(
+            ADVERSE_EVENTS,
+            {"occurred_at": "2025-03-01T10:00:01+08:00", "recorded_at": "2025-03-01T10:00:00+08:00"},
+            id="recorded-1s-before-occurred-clock-skew",
+        ),
+        pytest.param(ADVERSE_EVENTS, {"source": ""}, id="empty-source"),
+        pytest.param(TREATMENT, {**FRACTION, "note": ""}, id="empty-note"),
+        pytest.param(TREATMENT, {**FRACTION, "note": "page\x0cbreak"}, id="form-feed-in-note"),
         pytest.param(ENROLLMENT, {"age_years": 16}, id="age-16-is-an-eligibility-matter"),
     ],
 )
@@ -147,8 +161,15 @@ class TestAnImplausibleReferenceRangeIsSetAsideNotTheResult:
 
     @pytest.mark.parametrize(
         "ref",
-        [{"ref_high": 1e-30}, {"ref_high": 1e6}, {"ref_low": 1e-30, "ref_high": 1e-30}, {"ref_low": 5000.0}],
-        ids=["uln-1e-30", "uln-1e6", "both-1e-30", "lln-5000"],
+        [
+            {"ref_high": 1e-30},
+            {"ref_high": 1e6},
+            {"ref_low": 1e-30, "ref_high": 1e-30},
+            {"ref_low": 5000.0},
+            {"ref_high": 0},
+            {"ref_low": 350, "ref_high": 125},
+        ],
+        ids=["uln-1e-30", "uln-1e6", "both-1e-30", "lln-5000", "uln-0", "swapped"],
     )
     def test_a_grade_4_count_still_raises_its_critical_alert(self, ref: dict[str, float]) -> None:
         event = decode(LABS, encode(message(LABS, value=20, **ref)))

@@ -75,6 +75,20 @@ def test_no_rule_outside_the_masked_stream_is_named(scraped: tuple[str, list[str
     assert [] == [r for r in rules if reveals_arm(r) and r in text]
 
 
+def test_one_label_combination_for_every_rule_off_the_masked_stream(scraped: tuple[str, list[str], set[str]]) -> None:
+    # Severity and status would tell those rules apart: the stopping boundary is the only critical one.
+    text, _, _ = scraped
+    unblinded = [
+        line.split("}", 1)[0]
+        for line in text.splitlines()
+        if line.startswith("trialwatch_alerts_produced_total{") and UNBLINDED_RULES in line
+    ]
+    expected = [
+        f'trialwatch_alerts_produced_total{{rule="{UNBLINDED_RULES}",severity="{UNBLINDED_RULES}",status="{UNBLINDED_RULES}"'
+    ]
+    assert expected == unblinded
+
+
 def test_site_labels_are_the_protocols_sites_or_other(scraped: tuple[str, list[str], set[str]]) -> None:
     text, _, _ = scraped
     sites = {

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, LABS
+from trialwatch.contract import ALERTS, ALERTS_MASKED, DEADLETTER, ENROLLMENT, LABS, TREATMENT
 from trialwatch.engine import Engine, Tick
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
@@ -365,3 +365,81 @@ class TestBoundedDeadLetters:
 
         [letter] = producer.on(DEADLETTER)
         assert ("{not json", False, 9) == (letter["payload"], letter["payload_truncated"], letter["payload_bytes"])
+
+
+class TestReviewFindings:
+    """Second round of issue 10 (a review): the tick path, internal dead letters, oversize states, blinded logs."""
+
+    @pytest.mark.parametrize(
+        "value", [b"[" * 100_000, b'{"subject_id": 5}', b'{"due_at": "x"}'], ids=["nested", "id-not-text", "no-id"]
+    )
+    async def test_a_tick_that_cannot_be_read_is_dead_lettered(self, value: bytes) -> None:
+        producer = FakeProducer()
+        worker, _ = policy_worker(producer)
+        await worker.handle(Record(TICKS, 1, 4, b"S-1", value), {})
+        assert [("processing_error", 4)] == [(d["reason"], d["offset"]) for d in producer.on(DEADLETTER)]
+
+    async def test_a_tick_for_a_state_that_does_not_parse_is_dead_lettered(self) -> None:
+        producer = FakeProducer()
+        worker, _ = policy_worker(producer)
+        states = {b"S-1": b'{"subject_id": "S-1", "from_a_newer_version": true}'}
+        tick = Record(TICKS, 1, 4, b"S-1", tick_payload("S-1", datetime(2025, 3, 2, tzinfo=UTC)))
+        await worker.handle(tick, states)
+        assert ["processing_error"] == [d["reason"] for d in producer.on(DEADLETTER)]
+
+    async def test_internal_dead_letters_show_neither_key_nor_payload(self) -> None:
+        # Only SBRT subjects have deadlines and an arm fact names its arm: their
+        # dead letters, read by operations and publishers, must show neither.
+        producer = FakeProducer()
+        worker, _ = policy_worker(producer, TickFailingEngine())
+        states: dict[bytes, bytes] = {}
+        await worker.handle(record(lab("e1", 160)), states)
+        tick_value = tick_payload("S-1", datetime(2025, 3, 2, tzinfo=UTC))
+        await worker.handle(Record(TICKS, 2, 7, b"S-1", tick_value), states)
+        fact = b'{"subject_id": "S-1", "arm": "sbrt", "counted": "maybe", "event_id": "e"}'
+        await worker.handle_arm_fact(Record(ARM_FACTS, 0, 3, b"sbrt", fact), {})
+
+        letters = producer.on(DEADLETTER)
+        assert [(None, "", True)] * 2 == [(d["key"], d["payload"], d["payload_truncated"]) for d in letters]
+        assert [hashlib.sha256(tick_value).hexdigest(), hashlib.sha256(fact).hexdigest()] == [
+            d["payload_sha256"] for d in letters
+        ]
+        assert "S-1" not in json.dumps(letters)
+        assert "sbrt" not in json.dumps(letters)
+
+    async def test_a_state_too_large_to_save_is_not_written_and_the_record_is_dead_lettered(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        producer = FakeProducer()
+        worker, _ = make_worker(producer)
+        states: dict[bytes, bytes] = {}
+        await worker.handle(record(lab("e1", 160), offset=0), states)
+        saved = states[b"S-1"]
+        monkeypatch.setattr("trialwatch.worker.MAX_STATE_BYTES", len(saved) + 10)
+
+        await worker.handle(record(lab("e2", 20), offset=1), states)
+
+        # The alert is out (it must not wait on a storage limit); the state is not written.
+        assert ["lab.platelets.low"] == [a["rule"] for a in producer.on(ALERTS)]
+        assert ["processing_error"] == [d["reason"] for d in producer.on(DEADLETTER)]
+        assert saved is states[b"S-1"]
+
+    async def test_no_log_line_for_an_alert_the_masked_stream_does_not_carry(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        producer = FakeProducer()
+        worker, _ = policy_worker(producer)
+        states: dict[bytes, bytes] = {}
+        base = {"subject_id": "S-1", "site_id": "SITE-A"}
+        events = [
+            (ENROLLMENT, {**base, "event_id": "en", "occurred_at": "2025-03-01T08:00:00+08:00", "arm": "control",
+                          "first_line_regimen": "lenvatinib", "age_years": 60, "kps": 90, "child_pugh_score": 6}),
+            (TREATMENT, {**base, "event_id": "fx", "occurred_at": "2025-03-02T08:00:00+08:00",
+                         "kind": "sbrt_fraction", "fraction": 1, "dose_gy": 8.0}),
+        ]  # fmt: skip
+        for offset, (topic, body) in enumerate(events):
+            await worker.handle(Record(topic, 0, offset, b"S-1", json.dumps(body).encode()), states)
+
+        assert "protocol.crossover" in [a["rule"] for a in producer.on(ALERTS)]
+        out = capsys.readouterr()
+        assert ("alert produced" in out.out + out.err, "crossover" in out.out + out.err) == (False, False)
