@@ -42,7 +42,7 @@ async def traffic(
     recorded an acknowledgement."""
     receiver = WebhookReceiver("obs-secret", subject_prefix)
     await receiver.start()
-    token = secrets.token_hex(8)
+    token = secrets.token_hex(32)
     worker = worker_factory(
         TRIALWATCH_WEBHOOK_URLS=receiver.url("/hook"),
         TRIALWATCH_WEBHOOK_SECRET="obs-secret",
