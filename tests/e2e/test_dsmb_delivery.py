@@ -196,14 +196,17 @@ class TestReceiverDown:
             assert all(r.signed for r in got)
             assert 0 == second.stop()
 
-            # A third start must find the delivery in the ledger and not send it again.
+            # A third start must find the delivery in the ledger and not send it again. The witness
+            # is the alert's next state: a receiver gets revision 2 only once revision 1 counts as
+            # delivered, so a third worker blind to the ledger would re-send 1 before it.
             third = worker_factory(app_id=first.app_id, **env)
             third.start()
-            await asyncio.sleep(8)
-            assert [(alert_id, 1, "alert")] == [
-                (r.alert["alert_id"], r.alert["revision"], r.kind) for r in receiver.got if r.kind == "alert"
+            await publish(producer, [lab(subject, f"{subject}-l2", 150, at="2025-03-03T08:00:00+08:00")])
+            await receiver.wait_for(lambda g: any(r.alert["revision"] == 2 for r in g), timeout_s=60)
+            assert [(alert_id, 1, "firing"), (alert_id, 2, "resolved")] == [
+                (r.alert["alert_id"], r.alert["revision"], r.alert["status"]) for r in receiver.got if r.kind == "alert"
             ]
-            third.stop()
+            assert 0 == third.stop()
         finally:
             await receiver.stop()
 
