@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 
 from tests.e2e.conftest import enrollment, publish, read_topic
 
@@ -115,11 +118,14 @@ class TestDeadlineSurvivesRestart:
         worker = worker_factory()
         worker.start()
         s = f"{subject_prefix}-down"
-        start, closes = start_whose_window_closes_in(10)
+        start, closes = start_whose_window_closes_in(20)  # room to see the first alert and stop first
         await publish(producer, [enrollment(s, "sbrt"), second_line_start(s, start)])
         await read_topic(bootstrap, "trial.alerts.v1", mine(s), lambda f: len(f) >= 1, timeout_s=15)
 
-        worker.stop(signal.SIGTERM)
+        assert 0 == worker.stop(signal.SIGTERM)
+        stopped = datetime.now(UTC)
+        # Still ahead when the worker stopped, or the restart has nothing to prove.
+        assert stopped < closes, "the deadline passed while the worker ran: nothing was pending at the stop"
         await asyncio.sleep(max(0.0, (closes - datetime.now(UTC)).total_seconds()) + 2)
         assert datetime.now(UTC) > closes
         worker.start()
@@ -131,6 +137,8 @@ class TestDeadlineSurvivesRestart:
         assert [("firing", 1)] == missed
         [fired] = [a for a in alerts if a["rule"] == "sbrt.window.missed"]
         assert closes == datetime.fromisoformat(fired["occurred_at"])
+        # Raised by the restarted worker: it was still pending when the first run stopped.
+        assert stopped < datetime.fromisoformat(fired["raised_at"])
 
 
 class TestDeadlineMovesWithItsPartition:
@@ -143,7 +151,7 @@ class TestDeadlineMovesWithItsPartition:
         first.start()
         second = worker_factory(app_id=first.app_id)
         second.start()
-        subjects = [f"{subject_prefix}-move{i}" for i in range(4)]  # spread over both workers' partitions
+        subjects = one_per_partition(f"{subject_prefix}-move")  # whatever the first worker owns holds one
         start, closes = start_whose_window_closes_in(50)
         await publish(
             producer, [line for s in subjects for line in (enrollment(s, "sbrt"), second_line_start(s, start))]
@@ -156,7 +164,11 @@ class TestDeadlineMovesWithItsPartition:
             timeout_s=45,  # two workers catch up on the topics' history and rebalance
         )
 
-        first.stop(signal.SIGTERM)  # its partitions move to the second worker
+        # It owns partitions (so, with a subject on each, at least one subject) when it stops.
+        await until_consuming(first)
+        assert 0 == first.stop(signal.SIGTERM)  # its partitions move to the second worker
+        stopped = datetime.now(UTC)
+        assert stopped < closes, "the deadlines passed before the first worker stopped: nothing moved pending"
         wait = (closes - datetime.now(UTC)).total_seconds() + 45
         alerts = await read_topic(
             bootstrap,
@@ -169,3 +181,24 @@ class TestDeadlineMovesWithItsPartition:
 
         assert sorted(subjects) == sorted(a["subject_id"] for a in alerts)
         assert all(closes == datetime.fromisoformat(a["occurred_at"]) for a in alerts)
+        # Every one fired after the first worker had gone: none was settled before it stopped.
+        assert all(stopped < datetime.fromisoformat(a["raised_at"]) for a in alerts)
+
+
+async def until_consuming(worker: Any, timeout_s: float = 30.0) -> None:
+    """Wait until the worker has partitions assigned and recovered (not mid-rebalance)."""
+    deadline = time.monotonic() + timeout_s
+    while not json.loads(worker.get("/health"))["consuming"]:
+        assert time.monotonic() < deadline, "the worker owns no partitions"
+        await asyncio.sleep(0.3)
+
+
+def one_per_partition(prefix: str, partitions: int = 4) -> list[str]:
+    """Subject codes keyed onto each partition of the input topics (the producer's murmur2 partitioner)."""
+    found: dict[int, str] = {}
+    for n in range(10_000):
+        subject = f"{prefix}{n}"
+        found.setdefault((murmur2(subject.encode()) & 0x7FFFFFFF) % partitions, subject)
+        if len(found) == partitions:
+            return [found[p] for p in range(partitions)]
+    raise AssertionError("no subject code for some partition")
