@@ -222,7 +222,7 @@ def _call(world: World, case: Case, reads: list[int]) -> Reply:
 
 def _holds_arm(value: Any) -> bool:
     if isinstance(value, dict):
-        if "arm" in value or reveals_arm(str(value.get("rule", ""))):
+        if "arm" in value or ("rule" in value and reveals_arm(str(value["rule"]))):
             return True
         return any(_holds_arm(v) for v in value.values())
     if isinstance(value, list):
