@@ -10,6 +10,7 @@ bounded number of each (tests/fuzz/test_fuzz.py).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import traceback
@@ -66,6 +67,36 @@ class Tally:
             f"largest output {self.largest_output:>9,} B  {self.seconds:6.1f} s\n"
             f"{'':<10} refused by reason: {reasons or '-'}"
         )
+
+
+class LogLeakWatch(logging.Handler):
+    """Counts log records (any logger, any level) whose message contains one of `needles`.
+
+    A surface calls `start()` in its setup and `stop()` in its teardown, and
+    compares `seen` before and after each input: a record number in a log is a defect.
+    """
+
+    def __init__(self, *needles: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.needles = needles
+        self.seen = 0
+        self._root_levels: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(needle in message for needle in self.needles):
+            self.seen += 1
+
+    def start(self) -> None:
+        root = logging.getLogger()
+        self._root_levels.append(root.level)
+        root.setLevel(logging.DEBUG)
+        root.addHandler(self)
+
+    def stop(self) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self)
+        root.setLevel(self._root_levels.pop())
 
 
 def excerpt(value: Any, limit: int = 300) -> str:

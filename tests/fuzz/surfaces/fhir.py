@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import random
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from tests.fuzz.harness import Outcome, Surface, deep_nesting, hostile_value, mutate_bytes
+from tests.fuzz.harness import LogLeakWatch, Outcome, Surface, deep_nesting, hostile_value, mutate_bytes
 from tests.unit.test_fhir_adapter import ADVERSE_EVENT, OBSERVATION
 from tests.unit.test_hl7_adapter import MAPPING
 from trialwatch.adapters.fhir_r4 import map_fhir
@@ -134,33 +133,7 @@ def _mutate_slot(rng: random.Random, parent: Any, key: Any) -> None:
         parent.append(copy.deepcopy(parent[key]))
 
 
-class _Leaks(logging.Handler):
-    """Counts log records, of any logger and level, that carry a record number."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.seen = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if RECORD_NUMBER in record.getMessage():
-            self.seen += 1
-
-
-_LEAKS = _Leaks()
-_ROOT_LEVEL: list[int] = []
-
-
-def setup() -> None:
-    root = logging.getLogger()
-    _ROOT_LEVEL.append(root.level)
-    root.setLevel(logging.DEBUG)
-    root.addHandler(_LEAKS)
-
-
-def teardown() -> None:
-    root = logging.getLogger()
-    root.removeHandler(_LEAKS)
-    root.setLevel(_ROOT_LEVEL.pop())
+_LEAKS = LogLeakWatch(RECORD_NUMBER)
 
 
 def check(case: Case) -> Outcome:
@@ -188,4 +161,4 @@ def _category(reason: str) -> str:
     return re.sub(r"\b\d[\d,]*", "N", re.split(r"[:(;'\"]", reason, maxsplit=1)[0]).strip()[:60]
 
 
-SURFACE = Surface("fhir", generate, check, setup, teardown)
+SURFACE = Surface("fhir", generate, check, _LEAKS.start, _LEAKS.stop)

@@ -14,13 +14,12 @@ mutation moved PID text into another segment, none may reach the ACK either.
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tests.fuzz.harness import Outcome, Surface, hostile_value, mutate_bytes
+from tests.fuzz.harness import LogLeakWatch, Outcome, Surface, hostile_value, mutate_bytes
 from tests.unit.test_hl7_adapter import MAPPING, OBR, PID, PLATELETS, oru
 from trialwatch.adapters.hl7v2 import INTERNAL_ERROR, MAX_SEGMENTS, ack_message, map_oru
 
@@ -212,31 +211,7 @@ def _segments(rng: random.Random, text: str) -> tuple[str, bool]:
     return "\r".join(segments), True
 
 
-class _Leaks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.seen = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if RECORD_NUMBER in record.getMessage() or "MRN9" in record.getMessage():
-            self.seen += 1
-
-
-_LEAKS = _Leaks()
-_ROOT_LEVEL: list[int] = []
-
-
-def setup() -> None:
-    root = logging.getLogger()
-    _ROOT_LEVEL.append(root.level)
-    root.setLevel(logging.DEBUG)
-    root.addHandler(_LEAKS)
-
-
-def teardown() -> None:
-    root = logging.getLogger()
-    root.removeHandler(_LEAKS)
-    root.setLevel(_ROOT_LEVEL.pop())
+_LEAKS = LogLeakWatch(RECORD_NUMBER, "MRN9")
 
 
 def check(case: Case) -> Outcome:
@@ -264,4 +239,4 @@ def category(reason: str) -> str:
     return re.sub(r"\b\d[\d,]*", "N", re.split(r"[(;'\"]", reason, maxsplit=1)[0]).strip()[:60]
 
 
-SURFACE = Surface("hl7", generate, check, setup, teardown)
+SURFACE = Surface("hl7", generate, check, _LEAKS.start, _LEAKS.stop)
