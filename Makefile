@@ -13,7 +13,7 @@ KAFKA := deploy/kafka/kafka.sh
 TEST_KAFKA_ENV := KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 KAFKA_STATE_DIR=$(CURDIR)/.kafka-test
 BENCH_KAFKA_ENV := KAFKA_PORT=19192 KAFKA_CONTROLLER_PORT=19193 KAFKA_STATE_DIR=$(CURDIR)/.kafka-bench
 
-.PHONY: install run test lint unit schemas promtool chromium kafka-up kafka-down clean bench fuzz
+.PHONY: install run test lint unit schemas promtool chromium kafka-up kafka-down clean bench bench-state fuzz
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ bench: install
 	$(BIN)/python benchmarks/throughput.py --subjects $${BENCH_SUBJECTS:-1000}; status=$$?; \
 	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(BENCH_KAFKA_ENV) $(KAFKA) stop; fi; \
 	exit $$status
+
+# Per-event cost and subject-state size as one subject's history grows, and the
+# replay rate of the 1,000-subject seed cohort (in-process, no broker; issue 11).
+bench-state: install
+	$(BIN)/python benchmarks/state_growth.py
 
 # The whole fuzz suite (not a test target: minutes, not seconds). Every surface
 # (decode → engine → worker shell, HL7, FHIR, MLLP, DSMB API) at FUZZ_INPUTS
