@@ -211,14 +211,14 @@ def _segments(rng: random.Random, text: str) -> tuple[str, bool]:
     return "\r".join(segments), True
 
 
-_LEAKS = LogLeakWatch(RECORD_NUMBER, "MRN9")
+LEAKS = LogLeakWatch(RECORD_NUMBER, "MRN9")
 
 
 def check(case: Case) -> Outcome:
-    logged = _LEAKS.seen
+    logged = LEAKS.seen
     outcome = map_oru(case.text, MAPPING)
     ack = ack_message(outcome, NOW)
-    if _LEAKS.seen != logged:
+    if LEAKS.seen != logged:
         raise AssertionError("a log record carries a record number")
     if outcome.reason.startswith(INTERNAL_ERROR):
         raise AssertionError(f"the mapping failed: {outcome.reason}")
@@ -239,4 +239,4 @@ def category(reason: str) -> str:
     return re.sub(r"\b\d[\d,]*", "N", re.split(r"[(;'\"]", reason, maxsplit=1)[0]).strip()[:60]
 
 
-SURFACE = Surface("hl7", generate, check, _LEAKS.start, _LEAKS.stop)
+SURFACE = Surface("hl7", generate, check, LEAKS.start, LEAKS.stop)

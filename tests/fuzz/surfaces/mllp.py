@@ -154,11 +154,11 @@ def setup() -> None:
     intake = Hl7Intake(MAPPING, sink, logger=_Quiet())
     server = asyncio.run_coroutine_threadsafe(start_listener(intake, "127.0.0.1", 0), loop).result(TIMEOUT_S)
     _RUNNING.append(_Listener(loop, thread, server, sink, server.sockets[0].getsockname()[1]))
-    hl7_surface.setup()
+    hl7_surface.LEAKS.start()
 
 
 def teardown() -> None:
-    hl7_surface.teardown()
+    hl7_surface.LEAKS.stop()
     running = _RUNNING.pop()
     if running.conn is not None:
         running.conn.close()
