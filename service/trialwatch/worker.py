@@ -385,19 +385,19 @@ class SubjectWorker:
         """
         bound.error("internal error; record dead-lettered", error=type(exc).__name__, where=where(exc), during=what)
         rejection = Rejection("processing_error", f"{type(exc).__name__} in {what}", [], event_id)
-        if record.topic in (self.ticks_topic, self.arm_facts_topic):
-            # Internal records tell the arm (only SBRT subjects have deadlines; an
-            # arm fact names its arm): their dead letter keeps the coordinates
-            # and the hash, not the key or the payload. The record stays on its topic.
-            await self._dead_letter(record, rejection, bound, redacted=True)
-            return
-        await self._dead_letter(record, rejection, bound)
+        # Internal records tell the arm (only SBRT subjects have deadlines; an
+        # arm fact names its arm): their dead letter keeps the coordinates and
+        # the hash, not the key or the payload. The record stays on its topic.
+        internal = record.topic in (self.ticks_topic, self.arm_facts_topic)
+        await self._dead_letter(record, rejection, bound, redacted=internal)
 
     async def _dead_letter(self, record: Record, rejection: Rejection, bound: Any, *, redacted: bool = False) -> None:
         letter = dead_letter_for(record, rejection, self.clock(), redacted=redacted)
         # The detail names fields, never their values: it is safe to log.
         bound.warning("input rejected", reason=rejection.reason, detail=rejection.detail)
-        await self._deliver_all([(DEADLETTER, record.key or b"", letter.model_dump_json().encode())])
+        # A redacted letter's Kafka key is empty too: the key is what it hides.
+        key = b"" if redacted else record.key or b""
+        await self._deliver_all([(DEADLETTER, key, letter.model_dump_json().encode())])
         self.metrics.events_rejected.labels(record.topic, rejection.reason).inc()
 
     async def _deliver_all(self, records: list[tuple[str, bytes, bytes]]) -> None:

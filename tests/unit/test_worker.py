@@ -401,6 +401,7 @@ class TestReviewFindings:
 
         letters = producer.on(DEADLETTER)
         assert [(None, "", True)] * 2 == [(d["key"], d["payload"], d["payload_truncated"]) for d in letters]
+        assert [b"", b""] == [key for topic, key, _ in producer.sent if topic == DEADLETTER], "nor as the Kafka key"
         assert [hashlib.sha256(tick_value).hexdigest(), hashlib.sha256(fact).hexdigest()] == [
             d["payload_sha256"] for d in letters
         ]
