@@ -61,31 +61,37 @@ def _describe(errors: list[dict[str, Any]], total: int) -> str:
     return "; ".join(parts) + more
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _DuplicateKey(dup)
-    return out
+class DuplicateKey(ValueError):
+    """An object of a JSON document repeats `key`."""
 
-
-class _DuplicateKey(ValueError):
     def __init__(self, key: str) -> None:
         super().__init__(key)
         self.key = key
 
 
-def duplicate_key(payload: bytes | str) -> str | None:
-    """The first key an object of the document repeats, or None.
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise DuplicateKey(dup)
+    return out
+
+
+def loads_unique(document: bytes | str) -> Any:
+    """`json.loads`, refusing a repeated key with `DuplicateKey`.
 
     JSON parsers disagree on a repeated key (pydantic keeps the last, others
-    the first), so a publisher and the service could read different values:
-    refused. Only called on documents pydantic already parsed (depth-bounded).
+    the first), so a publisher and the service could read different values.
     """
+    return json.loads(document, object_pairs_hook=_no_duplicate_keys)
+
+
+def duplicate_key(payload: bytes | str) -> str | None:
+    """The first key an object of the document repeats, or None (for documents pydantic already parsed)."""
     try:
-        json.loads(payload, object_pairs_hook=_no_duplicate_keys)
-    except _DuplicateKey as exc:
+        loads_unique(payload)
+    except DuplicateKey as exc:
         return exc.key
     return None
 

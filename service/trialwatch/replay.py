@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from trialwatch.contract import MAX_INPUT_BYTES, AlertMessage, InputEvent
-from trialwatch.decode import Rejection, decode, duplicate_key
+from trialwatch.decode import DuplicateKey, Rejection, decode, loads_unique
 from trialwatch.engine import Engine, SubjectState, Tick
 from trialwatch.engine.toxicity import ArmMonitor, ArmState, changed_fact, subject_fact
 from trialwatch.failures import where
@@ -37,7 +37,12 @@ def read_event_file(lines: Iterable[str]) -> Iterator[tuple[int, InputEvent | Ba
             )
             continue
         try:
-            envelope = json.loads(line)
+            # A key repeated in the value is refused live (decode), so here too,
+            # in the one parse of the line, before a dict would merge it.
+            envelope = loads_unique(line)
+        except DuplicateKey as exc:
+            yield line_no, BadLine(line_no, "duplicate_key", f"the key {exc.key[:64]!r} appears twice in one object")
+            continue
         except ValueError as exc:
             yield line_no, BadLine(line_no, "not_json", f"line is not JSON: {exc}")
             continue
@@ -46,12 +51,6 @@ def read_event_file(lines: Iterable[str]) -> Iterator[tuple[int, InputEvent | Ba
             continue
         if not isinstance(envelope, dict) or not isinstance(envelope.get("topic"), str) or "value" not in envelope:
             yield line_no, BadLine(line_no, "not_an_object", 'a line must be {"topic": "...", "value": {...}}')
-            continue
-        # The value as the live service would receive it; a key repeated in
-        # it is refused there (decode), so here too, before json.loads merged it.
-        repeated = duplicate_key(line)
-        if repeated is not None:
-            yield line_no, BadLine(line_no, "duplicate_key", f"the key {repeated[:64]!r} appears twice in one object")
             continue
         # Not ASCII-escaped: the size the live decoder judges is the publisher's UTF-8.
         result = decode(envelope["topic"], json.dumps(envelope["value"], ensure_ascii=False).encode())
@@ -81,6 +80,9 @@ class Replay:
         # Internal errors since the caller last took them (see take_errors).
         self.errors: list[str] = []
 
+    def _failed(self, exc: Exception, what: str) -> None:
+        self.errors.append(f"processing_error: {type(exc).__name__} in {what} ({where(exc)})")
+
     def take_errors(self) -> list[str]:
         """What failed inside the engine since the last call, for the caller to report."""
         errors, self.errors = self.errors, []
@@ -97,7 +99,7 @@ class Replay:
             try:
                 state, alerts = self.engine.apply(state, Tick(sid, deadline), self._now(deadline))
             except Exception as exc:  # noqa: BLE001 - the worker's policy: report, drop the deadline, go on
-                self.errors.append(f"processing_error: {type(exc).__name__} in deadline evaluation ({where(exc)})")
+                self._failed(exc, "deadline evaluation")
                 continue
             if state.next_deadline_at == deadline:
                 # A tick at a deadline decides it; if not, report it rather than loop.
@@ -128,7 +130,7 @@ class Replay:
             # Unlike the live worker, which re-reads the saved state, replay
             # keeps what the engine left: a failure mid-rule (a bug) may leave
             # this subject's state half-updated. Reported either way.
-            self.errors.append(f"processing_error: {type(exc).__name__} in rule evaluation ({where(exc)})")
+            self._failed(exc, "rule evaluation")
             return out
         self._store(event.subject_id, state)
         out += alerts
@@ -137,7 +139,7 @@ class Replay:
             try:
                 self.arms[fact.arm], arm_alerts = self.arm_monitor.apply(self.arms.get(fact.arm), fact, now)
             except Exception as exc:  # noqa: BLE001 - the worker's policy for an arm fact
-                self.errors.append(f"processing_error: {type(exc).__name__} in the arm-level monitor ({where(exc)})")
+                self._failed(exc, "the arm-level monitor")
                 return out
             out += arm_alerts
         return out
