@@ -20,7 +20,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from trialwatch.units import ANALYTE_LOINC, ANALYTE_NAMES, DISPLAY_UNIT, PLAUSIBLE, Analyte, to_canonical, unit_fits
+from trialwatch.units import (
+    ANALYTE_LOINC,
+    ANALYTE_NAMES,
+    CANONICAL_UNIT,
+    DISPLAY_UNIT,
+    PLAUSIBLE,
+    Analyte,
+    to_canonical,
+    unit_fits,
+)
 
 # Topic names are fixed by the v1 contract.
 ENROLLMENT = "trial.enrollment.v1"
@@ -95,7 +104,7 @@ RECORDED_BEFORE_OCCURRED_TOLERANCE = timedelta(hours=24)
 # date arithmetic of the rules (a deadline 14 days after 9999-12-31).
 EARLIEST_CLINICAL_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_CLINICAL_TIME = datetime(2100, 1, 1, tzinfo=UTC)
-# Fields whose upper bound is a plausibility bound (a dose over 30 Gy, a
+# Fields whose upper bound is a plausibility bound (a dose over 60 Gy, a
 # lesion over 50 cm): past it the reason is `implausible_value`.
 PLAUSIBILITY_BOUNDED = frozenset({"fraction", "dose_gy", "diameter_mm"})
 
@@ -248,10 +257,10 @@ class Lab(_Input):
         # In the analyte's canonical unit, so one table serves every unit. An
         # implausible reference range is not refused: the value can still be
         # graded, on the protocol's default range (the engine does, and says so).
-        bounds = PLAUSIBLE[self.analyte]
-        if to_canonical(self.analyte, self.value, self.unit) > bounds.value_max:
+        value_max = PLAUSIBLE[self.analyte].value_max
+        if to_canonical(self.analyte, self.value, self.unit) > value_max:
             raise implausible(
-                f"value is above the plausible maximum for {self.analyte} ({bounds.value_max} {bounds.unit})"
+                f"value is above the plausible maximum for {self.analyte} ({value_max} {CANONICAL_UNIT[self.analyte]})"
             )
         return self
 

@@ -29,7 +29,7 @@ from trialwatch.contract import (
     Scan,
     Treatment,
 )
-from trialwatch.units import PLAUSIBLE, TO_CANONICAL, UNIT_ALIASES
+from trialwatch.units import CANONICAL_UNIT, PLAUSIBLE, TO_CANONICAL, UNIT_ALIASES
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -125,7 +125,7 @@ def units_table() -> dict[str, Any]:
         "aliases": dict(sorted(UNIT_ALIASES.items())),
         "plausible": {
             analyte: {
-                "unit": bounds.unit,
+                "unit": CANONICAL_UNIT[analyte],
                 "value_max": float(bounds.value_max),
                 "ref_high_min": float(bounds.uln_min),
                 "ref_high_max": float(bounds.uln_max),

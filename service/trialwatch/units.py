@@ -154,38 +154,39 @@ ANALYTE_LOINC: dict[str, frozenset[str]] = {
 
 @dataclass(frozen=True, slots=True)
 class Plausible:
-    """What a real result of an analyte can be, in its canonical unit.
+    """What a real result of an analyte can be, in its canonical unit (CANONICAL_UNIT).
 
     Wide on purpose: a value outside is a typo, a unit slip or a placeholder,
     never a patient (the limits sit well beyond the extremes of clinical
-    reports). Outside, a result is dead-lettered as `implausible_value`, so the
-    site hears of it, rather than graded as if it were true.
+    reports). A value above `value_max` is dead-lettered as
+    `implausible_value`, so the site hears of it, rather than graded as if it
+    were true; a reference range outside `uln_min`..`uln_max` is set aside
+    (see `plausible_reference_range`).
     """
 
-    unit: str
     value_max: Decimal
     uln_min: Decimal
     uln_max: Decimal
 
 
-def _plausible(unit: str, value_max: str, uln_min: str, uln_max: str) -> Plausible:
-    return Plausible(unit, Decimal(value_max), Decimal(uln_min), Decimal(uln_max))
+def _plausible(value_max: str, uln_min: str, uln_max: str) -> Plausible:
+    return Plausible(Decimal(value_max), Decimal(uln_min), Decimal(uln_max))
 
 
 PLAUSIBLE: dict[str, Plausible] = {
-    "platelets": _plausible("10*9/L", "5000", "100", "1000"),
-    "neutrophils": _plausible("10*9/L", "500", "1", "50"),
-    "wbc": _plausible("10*9/L", "1000", "2", "50"),
-    "hemoglobin": _plausible("g/L", "300", "50", "300"),
-    "total_bilirubin": _plausible("umol/L", "2000", "3", "100"),
-    "alt": _plausible("U/L", "50000", "5", "500"),
-    "ast": _plausible("U/L", "50000", "5", "500"),
-    "alp": _plausible("U/L", "20000", "20", "1000"),
-    "albumin": _plausible("g/L", "100", "10", "100"),
-    "creatinine": _plausible("umol/L", "5000", "20", "500"),
-    "inr": _plausible("{INR}", "30", "0.5", "5"),
+    "platelets": _plausible("5000", "100", "1000"),
+    "neutrophils": _plausible("500", "1", "50"),
+    "wbc": _plausible("1000", "2", "50"),
+    "hemoglobin": _plausible("300", "50", "300"),
+    "total_bilirubin": _plausible("2000", "3", "100"),
+    "alt": _plausible("50000", "5", "500"),
+    "ast": _plausible("50000", "5", "500"),
+    "alp": _plausible("20000", "20", "1000"),
+    "albumin": _plausible("100", "10", "100"),
+    "creatinine": _plausible("5000", "20", "500"),
+    "inr": _plausible("30", "0.5", "5"),
     # Alpha-fetoprotein in HCC can pass 10^6 ng/mL.
-    "afp": _plausible("ng/mL", "10000000", "1", "1000"),
+    "afp": _plausible("10000000", "1", "1000"),
 }
 
 

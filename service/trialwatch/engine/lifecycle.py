@@ -28,6 +28,11 @@ MAX_EVIDENCE_TEXT = 1_000
 MAX_SUMMARY = 1_000
 
 
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, the last one an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def bounded(value: Any, depth: int = 0) -> Any:
     """`value` with every list cut to MAX_EVIDENCE_LIST items and every string to MAX_EVIDENCE_TEXT characters.
 
@@ -35,7 +40,7 @@ def bounded(value: Any, depth: int = 0) -> Any:
     out, so a reader knows the evidence is partial.
     """
     if isinstance(value, str):
-        return value if len(value) <= MAX_EVIDENCE_TEXT else value[: MAX_EVIDENCE_TEXT - 1] + "…"
+        return clip(value, MAX_EVIDENCE_TEXT)
     if depth > 8:
         return "… (nested too deeply)"
     if isinstance(value, dict):
@@ -147,6 +152,6 @@ class AlertBook:
                 ctcae_grade=rec.ctcae_grade,
                 report_due_at=rec.report_due_at,
                 evidence=bounded(evidence),
-                summary=summary if len(summary) <= MAX_SUMMARY else summary[: MAX_SUMMARY - 1] + "…",
+                summary=clip(summary, MAX_SUMMARY),
             )
         )
