@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -331,36 +331,32 @@ def read_header(text: str) -> MessageHeader:
     fields = first.split(first[3])
     component = first[4] if len(fields) > 1 and fields[1] else "^"
 
-    def get(n: int) -> str:
+    def get(n: int, component_no: int) -> str:
+        # Only first components, so the trigger (MSH-9.2) keeps its default.
         # MSH-1 is the separator itself, so MSH-n is fields[n - 1].
-        return fields[n - 1].split(component)[0].strip()[:MAX_CONTROL_ID] if len(fields) > n - 1 else ""
+        if component_no != 1 or len(fields) <= n - 1:
+            return ""
+        return fields[n - 1].split(component)[0].strip()[:MAX_CONTROL_ID]
 
-    return MessageHeader(
-        control_id=get(10),
-        sending_application=get(3),
-        sending_facility=get(4),
-        receiving_application=get(5),
-        receiving_facility=get(6),
-        processing_id=get(11) or "P",
-        version=get(12) or "2.5.1",
-    )
+    return _header_from(get)
 
 
 def _header(message: hl7.Message) -> MessageHeader:
     msh = message.segment("MSH")
+    return _header_from(lambda n, component: _field(msh, n, component=component)[:MAX_CONTROL_ID])
 
-    def get(n: int, component: int = 1) -> str:
-        return _field(msh, n, component=component)[:MAX_CONTROL_ID]
 
+def _header_from(get: Callable[[int, int], str]) -> MessageHeader:
+    """The ACK's echo of MSH, from `get(field, component)`; defaults where a field is empty."""
     return MessageHeader(
-        control_id=get(10),
-        sending_application=get(3),
-        sending_facility=get(4),
-        receiving_application=get(5),
-        receiving_facility=get(6),
-        processing_id=get(11) or "P",
-        version=get(12) or "2.5.1",
-        trigger=get(9, component=2) or "R01",
+        control_id=get(10, 1),
+        sending_application=get(3, 1),
+        sending_facility=get(4, 1),
+        receiving_application=get(5, 1),
+        receiving_facility=get(6, 1),
+        processing_id=get(11, 1) or "P",
+        version=get(12, 1) or "2.5.1",
+        trigger=get(9, 2) or "R01",
     )
 
 
