@@ -58,6 +58,13 @@ def scraped() -> tuple[str, list[str], set[str]]:
     )
 
 
+def _label_values(text: str, family: str, label: str) -> set[str]:
+    """The values of one label over a family's samples in a scrape."""
+    return {
+        line.split(f'{label}="', 1)[1].split('"', 1)[0] for line in text.splitlines() if line.startswith(family + "{")
+    }
+
+
 def test_the_run_raised_rules_of_both_kinds(scraped: tuple[str, list[str], set[str]]) -> None:
     _, _, rules = scraped
     assert {"sbrt.window.missed", "rild.suspected", "protocol.crossover", "dsmb.toxicity_boundary"} <= rules
@@ -66,11 +73,7 @@ def test_the_run_raised_rules_of_both_kinds(scraped: tuple[str, list[str], set[s
 
 def test_no_rule_outside_the_masked_stream_is_named(scraped: tuple[str, list[str], set[str]]) -> None:
     text, masked_rules, rules = scraped
-    named = {
-        line.split('rule="', 1)[1].split('"', 1)[0]
-        for line in text.splitlines()
-        if line.startswith("trialwatch_alerts_produced_total{")
-    }
+    named = _label_values(text, "trialwatch_alerts_produced_total", "rule")
     assert set(masked_rules) | {UNBLINDED_RULES} == named
     assert [] == [r for r in rules if reveals_arm(r) and r in text]
 
@@ -91,11 +94,7 @@ def test_one_label_combination_for_every_rule_off_the_masked_stream(scraped: tup
 
 def test_site_labels_are_the_protocols_sites_or_other(scraped: tuple[str, list[str], set[str]]) -> None:
     text, _, _ = scraped
-    sites = {
-        line.split('site="', 1)[1].split('"', 1)[0]
-        for line in text.splitlines()
-        if line.startswith("trialwatch_site_last_event_timestamp_seconds{")
-    }
+    sites = _label_values(text, "trialwatch_site_last_event_timestamp_seconds", "site")
     assert "other" in sites
     assert [] == [s for s in sites if s.startswith("SITE-NEW")]
 
