@@ -23,6 +23,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from tests.fuzz.harness import Outcome, Surface, deep_nesting, hostile_value, mutate_bytes
+from tests.unit.test_worker import FakeProducer
 from trialwatch.cohort import generate
 from trialwatch.contract import DEADLETTER, INPUT_TOPICS
 from trialwatch.demo import demo_cohort
@@ -187,17 +188,6 @@ def generate_input(rng: random.Random) -> Record:
     return Record(topic, 0, 0, subject, payload)
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes]] = []
-
-    async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[Any]:
-        self.sent.append((topic, key, value))
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
-
-
 _loop: asyncio.AbstractEventLoop | None = None
 
 
@@ -206,7 +196,7 @@ def check(record: Record) -> Outcome:
     if _loop is None:
         _loop = asyncio.new_event_loop()
     c = corpus()
-    sink = _Sink()
+    sink = FakeProducer()
     clock = datetime(2025, 6, 1, tzinfo=UTC)
     worker = SubjectWorker(
         c.engine,
