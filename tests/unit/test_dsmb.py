@@ -56,6 +56,17 @@ def raw(message: AlertMessage) -> bytes:
     return message.model_dump_json().encode()
 
 
+def feed_of(alerts: list[AlertMessage]) -> DsmbFeed:
+    """A feed whose books hold these alerts on both streams, as the worker publishes them."""
+    feed = DsmbFeed(["unused:9092"], "ledger")
+    for a in alerts:
+        feed.dsmb.add_alert(raw(a))
+        masked = mask(a)
+        if masked is not None:
+            feed.masked.add_alert(masked.model_dump_json().encode())
+    return feed
+
+
 def ack(alert_id: str, revision: int, by: str = "Dr Lin") -> AlertAck:
     return AlertAck(
         ack_id=ack_id(alert_id, revision),
@@ -264,12 +275,7 @@ def api_parts(apply_all: ApplyAll, make: EventFactory) -> tuple[DsmbApi, DsmbFee
         ]
     )
     assert any(reveals_arm(a.rule) for a in alerts), "the scenario must include an arm-revealing alert"
-    feed = DsmbFeed(["unused:9092"], "ledger")
-    for a in alerts:
-        feed.dsmb.add_alert(raw(a))
-        masked = mask(a)
-        if masked is not None:
-            feed.masked.add_alert(masked.model_dump_json().encode())
+    feed = feed_of(alerts)
     feed.caught_up.set()
     publisher = FakePublisher()
     tokens = {Role.DSMB: SecretStr(DSMB_TOKEN), Role.MASKED: SecretStr(MASKED_TOKEN)}

@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from tests.fuzz.harness import HOSTILE_STRINGS, Outcome, Surface, deep_nesting, hostile_value, mutate_bytes
-from tests.unit.test_dsmb import DSMB_TOKEN, MASKED_TOKEN, T0, FakePublisher, alert, raw
-from trialwatch.contract import AlertMessage, mask, reveals_arm
+from tests.unit.test_dsmb import DSMB_TOKEN, MASKED_TOKEN, T0, FakePublisher, alert, feed_of
+from trialwatch.contract import AlertMessage, reveals_arm
 from trialwatch.dsmb.api import MAX_ACK_BODY_BYTES, Denied, DsmbApi, Reply, Role, body_of
 from trialwatch.dsmb.book import FILTERS
 from trialwatch.dsmb.service import DsmbFeed
@@ -73,12 +73,7 @@ class World:
 
 
 def _build() -> World:
-    feed = DsmbFeed(["unused:9092"], "ledger")
-    for a in ALERTS:
-        feed.dsmb.add_alert(raw(a))
-        masked = mask(a)
-        if masked is not None:
-            feed.masked.add_alert(masked.model_dump_json().encode())
+    feed = feed_of(ALERTS)
     publisher = FakePublisher()
     tokens = {Role.DSMB: SecretStr(DSMB_TOKEN), Role.MASKED: SecretStr(MASKED_TOKEN)}
     api = DsmbApi(feed, publisher, Metrics(CollectorRegistry()), tokens, clock=lambda: T0 + timedelta(hours=2))
