@@ -2,8 +2,9 @@
 
 In-process, no broker. One subject, enrolled and on second-line therapy, then
 N events at 12-hour steps: 90 % lab results over eleven analytes, 10 % adverse
-events. At each N it prints the state record's size, the cost of the next
-events applied to the live state (warm), through the worker shell (decode,
+events (half new AEs, half their later update to grade 1: an AE never updated
+stays an open alert, which the state keeps, about 230 bytes each). At each N
+it prints the state record's size, the cost of the next events applied to the live state (warm), through the worker shell (decode,
 engine, serialise, save) and after a rebalance (the state parsed from its
 record first), and the replay rate of the 1,000-subject `trialwatch seed`
 cohort through the `trialwatch replay` command. Prints figures; asserts
@@ -84,11 +85,14 @@ def history() -> Iterator[tuple[str, bytes]]:
     while True:
         at = START + timedelta(days=2, hours=12 * i)
         if i % 10 == 9:
+            # Adverse events as sites report them: a new AE (grade 1 to 3),
+            # then, ten records on, its update (resolved to grade 1).
+            k, update = divmod(i // 10, 2)
             body = {
                 **_common(f"ae-{i}", at),
-                "ae_id": f"AE-{i}",
+                "ae_id": f"AE-{k}",
                 "term": "Fatigue",
-                "grade": 1 + i % 3,
+                "grade": 1 if update else 1 + k % 3,
                 "serious": False,
                 "attribution": "possible",
             }

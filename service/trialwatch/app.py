@@ -20,7 +20,8 @@ from trialwatch.dsmb import web as dsmb_web
 from trialwatch.dsmb.api import DsmbApi, Role
 from trialwatch.dsmb.notify import Receiver
 from trialwatch.dsmb.service import DsmbFeed, Notifier, unacknowledged_gauges
-from trialwatch.engine import Engine, SubjectState
+from trialwatch.engine import Engine
+from trialwatch.engine.state import decode_header
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
 from trialwatch.settings import Settings
@@ -100,9 +101,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # Every changelog record read while recovering a partition (after a
         # restart or when a partition moves here): rebuild the deadline index,
         # so deadlines that passed while no one owned them fire now.
-        # Parsed once for both indexes.
-        state = SubjectState.from_bytes(event.value) if event.value else None
-        worker.index(event.message.partition, event.key, state)
+        # Only the record's header is read: most records are superseded
+        # versions, and the header is all the indexes need.
+        worker.index(event.message.partition, event.key, decode_header(event.value) if event.value else None)
 
     subjects = app.Table(
         "subjects",

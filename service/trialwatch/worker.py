@@ -29,6 +29,7 @@ from trialwatch.contract import (
 )
 from trialwatch.decode import Rejection, decode, excerpt
 from trialwatch.engine import Engine, SubjectState, Tick
+from trialwatch.engine.state import StateHeader, header_of
 from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, changed_fact, subject_fact
 from trialwatch.failures import where
 from trialwatch.metrics import Metrics, alert_labels, site_label
@@ -90,12 +91,7 @@ class OpenAlertIndex:
     def __init__(self) -> None:
         self.by_partition: dict[int, dict[bytes, dict[str, int]]] = {}
 
-    def update(self, partition: int, key: bytes, state: SubjectState | None) -> None:
-        counts: dict[str, int] = {}
-        if state is not None:
-            for alert in state.alerts.values():
-                if alert.status == "firing":
-                    counts[alert.severity] = counts.get(alert.severity, 0) + 1
+    def update(self, partition: int, key: bytes, counts: dict[str, int]) -> None:
         entries = self.by_partition.setdefault(partition, {})
         if counts:
             entries[key] = counts
@@ -312,12 +308,12 @@ class SubjectWorker:
             return
         states[record.key] = raw
         self._parsed[record.key] = (raw, state)
-        self.index(record.partition, record.key, state)
+        self.index(record.partition, record.key, header_of(state))
 
-    def index(self, partition: int, key: bytes, state: SubjectState | None) -> None:
-        """Deadlines and open alerts of one subject, from its state (also called during recovery)."""
-        self.deadlines.update(partition, key, state.next_deadline_at if state is not None else None)
-        self.open_alerts.update(partition, key, state)
+    def index(self, partition: int, key: bytes, header: StateHeader | None) -> None:
+        """Deadlines and open alerts of one subject, from its state's header (also called during recovery)."""
+        self.deadlines.update(partition, key, header.next_deadline_at if header is not None else None)
+        self.open_alerts.update(partition, key, header.open_alerts if header is not None else {})
 
     async def _publish_arm_fact(self, fact: ArmFact) -> None:
         # Keyed by arm: every fact of an arm meets its counts in one agent.

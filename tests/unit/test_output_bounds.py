@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from tests.unit.test_worker import FakeProducer, make_worker, record
 from trialwatch.contract import ADVERSE_EVENTS, DEADLETTER
-from trialwatch.engine.lifecycle import MAX_EVIDENCE_LIST, AlertBook
+from trialwatch.engine.lifecycle import MAX_EVIDENCE_LIST, AlertBook, Memory
 from trialwatch.engine.state import SubjectState
 from trialwatch.worker import Record
 
@@ -42,7 +42,7 @@ async def test_the_600_kB_term_gives_a_small_dead_letter_not_a_1_MB_alert() -> N
 def test_an_alert_is_bounded_whatever_a_rule_gathers() -> None:
     state = SubjectState(subject_id="S-1", site_id="SITE-A")
     at = datetime(2025, 3, 1, tzinfo=UTC)
-    book = AlertBook(state, "NCT06592612", at, at)
+    book = AlertBook(state, "NCT06592612", at, at, Memory(frozenset(), frozenset()))
     book.open(
         rule="lab.platelets.low",
         key="platelets",

@@ -14,11 +14,12 @@ from trialwatch.protocol import Protocol
 def record_report(state: SubjectState, ae: AdverseEvent) -> AdverseEventReport:
     """Keep the AE's current version: the update recorded last wins; a late older update is superseded."""
     report = AdverseEventReport(
+        ae_id=ae.ae_key,
         term=ae.term,
         grade=ae.grade,
         serious=ae.serious,
         attribution=ae.attribution,
-        attributed_to=ae.attributed_to,
+        attributed_to=list(ae.attributed_to) if ae.attributed_to is not None else None,
         at=ae.recorded_or_occurred_at,
         seq=state.seq,
         event_id=ae.event_id,
@@ -28,6 +29,21 @@ def record_report(state: SubjectState, ae: AdverseEvent) -> AdverseEventReport:
         state.adverse_events[ae.ae_key] = report
         return report
     return current
+
+
+def already_applied(state: SubjectState, ae: AdverseEvent) -> bool:
+    """The event is the AE's current version (a re-send)."""
+    current = state.adverse_events.get(ae.ae_key)
+    return current is not None and current.event_id == ae.event_id
+
+
+# What the AE rules read of the past: the current version of every AE with an
+# open alert (an update escalates or resolves it). Others may be forgotten.
+RULES = ("ae.grade3plus", "ae.serious")
+
+
+def pinned_reports(state: SubjectState) -> set[str]:
+    return {rec.key for rec in state.alerts.values() if rec.rule in RULES and rec.status == "firing"}
 
 
 def _evidence(report: AdverseEventReport, ae: AdverseEvent, protocol: Protocol, **extra: Any) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from trialwatch.contract import AdverseEvent, AlertMessage, Enrollment, InputEvent, Lab, Scan, Treatment
-from trialwatch.engine import adverse_events, labs, recist, subject_rules, treatment
-from trialwatch.engine.lifecycle import AlertBook
+from trialwatch.engine import adverse_events, labs, recist, retention, subject_rules, toxicity, treatment
+from trialwatch.engine.lifecycle import AlertBook, Memory
 from trialwatch.engine.state import SubjectState
 from trialwatch.protocol import Protocol
 
@@ -27,11 +27,28 @@ class Tick:
 
 
 class Engine:
-    """The protocol's rules, bound to one protocol version."""
+    """The protocol's rules, bound to one protocol version.
+
+    Each event re-evaluates only the rules it can change: a lab its analyte's
+    rules and the subject rules that read that analyte, an adverse event the
+    AE rules, a scan RECIST, a treatment event or an enrolment the treatment
+    rules (and, for an enrolment, eligibility). A tick only the clock's rules.
+    The rules read the state through indexes (results by analyte in clinical
+    order), and the state keeps what the rules declare they need (retention).
+    """
 
     def __init__(self, protocol: Protocol) -> None:
         self.protocol = protocol
         self.lab_rules = labs.lab_rules(protocol)
+        self.rules_by_analyte: dict[str, list[labs.LabRule]] = {}
+        for rule in self.lab_rules:
+            self.rules_by_analyte.setdefault(rule.analyte, []).append(rule)
+        self.lab_pins: tuple[retention.Pins, ...] = (
+            labs.pinned_results,
+            subject_rules.rild_pins(protocol),
+            subject_rules.eligibility_pins(protocol),
+        )
+        self.memory = Memory(resolved=treatment.REMEMBERS_RESOLVED, episodes=labs.REMEMBERS_EPISODES)
 
     def apply(
         self, state: SubjectState | None, event: InputEvent | Tick, now: datetime
@@ -42,21 +59,23 @@ class Engine:
         may be the same object, updated). An `event_id` seen before changes
         nothing and raises nothing: publishers may re-send.
         """
+        if state is not None and state.__dict__.pop("_unbounded", False):
+            self.bound(state)
         if isinstance(event, Tick):
             if state is None:
                 # A tick for a subject with no state has nothing to check.
                 return SubjectState(subject_id=event.subject_id, site_id=""), []
-            book = AlertBook(state, self.protocol.trial, event.at, now)
-            self._evaluate_subject(book, min(event.at, now), event.at)
+            book = AlertBook(state, self.protocol.trial, event.at, now, self.memory)
+            self._evaluate_clock(book, min(event.at, now), event.at)
             return state, book.messages
 
         if state is None:
             state = SubjectState(subject_id=event.subject_id, site_id=event.site_id)
-        if event.event_id in state.seen_event_ids:
+        if retention.seen(state, event.event_id) or _already_applied(state, event):
             return state, []
-        state.seen_event_ids.add(event.event_id)
+        retention.remember(state, event.event_id)
         state.seq += 1
-        book = AlertBook(state, self.protocol.trial, event.occurred_at, now)
+        book = AlertBook(state, self.protocol.trial, event.occurred_at, now, self.memory)
 
         if isinstance(event, Enrollment):
             state.arm = event.arm
@@ -67,13 +86,18 @@ class Engine:
             state.age_years = event.age_years
             state.kps = event.kps
             state.child_pugh_score = event.child_pugh_score
+            self._evaluate_treatment(book, _NEVER, event.occurred_at)
+            subject_rules.evaluate_eligibility(book, self.protocol)
         elif isinstance(event, Treatment):
             treatment.record_treatment(state, event)
+            # A treatment event may fire window deadlines up to its own clinical
+            # time: the fractions travel on its topic, in order. Another topic's
+            # event says nothing about fractions not yet read, so it fires none.
+            # Deadlines past on the wall clock are the ticks' business.
+            self._evaluate_treatment(book, min(event.occurred_at, now), event.occurred_at)
+            subject_rules.evaluate_rild(book, self.protocol)
         elif isinstance(event, Lab):
-            changed = labs.record_result(state, event, self.protocol)
-            for rule in self.lab_rules:
-                if rule.analyte == event.analyte:
-                    labs.evaluate(rule, book, event, changed, self.protocol)
+            self._apply_lab(book, event)
         elif isinstance(event, Scan):
             recist.record_scan(state, event)
             recist.evaluate(book, event, self.protocol)
@@ -81,18 +105,57 @@ class Engine:
             report = adverse_events.record_report(state, event)
             adverse_events.evaluate_grade(book, event, report, self.protocol)
             adverse_events.evaluate_serious(book, event, report, self.protocol)
-        # A treatment event may fire window deadlines up to its own clinical
-        # time: the fractions travel on its topic, in order. Another topic's
-        # event says nothing about fractions not yet read, so it fires none.
-        # Deadlines past on the wall clock are the ticks' business.
-        horizon = min(event.occurred_at, now) if isinstance(event, Treatment) else _NEVER
-        self._evaluate_subject(book, horizon, event.occurred_at)
+            retention.compact_adverse_events(
+                state,
+                adverse_events.pinned_reports(state),
+                toxicity.pinned_reports(state, self.protocol),
+            )
         return state, book.messages
 
-    def _evaluate_subject(self, book: AlertBook, horizon: datetime, occurred_at: datetime) -> None:
-        """Rules over the subject's whole history and the clock: run after every event and tick."""
+    def bound(self, state: SubjectState) -> None:
+        """Apply the retention bounds to the whole state (one read in an older format)."""
+        for analyte in list(state.labs):
+            retention.compact_series(state, analyte, self.lab_pins)
+        retention.compact_adverse_events(
+            state, adverse_events.pinned_reports(state), toxicity.pinned_reports(state, self.protocol)
+        )
+
+    def _apply_lab(self, book: AlertBook, lab: Lab) -> None:
+        state = book.state
+        # The clinical times this event touches: its own, and its former version's (a correction may move it).
+        previous = labs.current_version(state, lab.result_key)
+        times = [lab.occurred_at] if previous is None else [lab.occurred_at, previous.at]
+        changed = labs.record_result(state, lab, self.protocol)
+        for rule in self.rules_by_analyte.get(lab.analyte, ()):
+            labs.evaluate(rule, book, lab, changed, self.protocol)
+        # A previous version sent as another analyte changed that analyte's results too.
+        analytes = {lab.analyte} if previous is None else {lab.analyte, previous.analyte}
+        if any(subject_rules.rild_reads(state, self.protocol, a, times) for a in analytes):
+            subject_rules.evaluate_rild(book, self.protocol)
+        if any(subject_rules.eligibility_reads(state, self.protocol, a, times) for a in analytes):
+            subject_rules.evaluate_eligibility(book, self.protocol)
+        retention.compact_series(book.state, lab.analyte, self.lab_pins)
+
+    def _evaluate_treatment(self, book: AlertBook, horizon: datetime, occurred_at: datetime) -> None:
+        """The rules over the treatment history and the clock (window, deviations)."""
         treatment.evaluate_window(book, self.protocol, horizon, occurred_at)
         treatment.evaluate_deviations(book, self.protocol)
-        subject_rules.evaluate_rild(book, self.protocol)
-        subject_rules.evaluate_eligibility(book, self.protocol)
         book.state.next_deadline_at = treatment.next_deadline(book.state, self.protocol)
+
+    def _evaluate_clock(self, book: AlertBook, horizon: datetime, occurred_at: datetime) -> None:
+        """A tick: the only rules the clock alone can change (the SBRT window)."""
+        treatment.evaluate_window(book, self.protocol, horizon, occurred_at)
+        book.state.next_deadline_at = treatment.next_deadline(book.state, self.protocol)
+
+
+def _already_applied(state: SubjectState, event: InputEvent) -> bool:
+    """The event is still the current version of what it describes: a re-send past the recent ids."""
+    if isinstance(event, Lab):
+        return labs.already_applied(state, event)
+    if isinstance(event, AdverseEvent):
+        return adverse_events.already_applied(state, event)
+    if isinstance(event, Scan):
+        return recist.already_applied(state, event)
+    if isinstance(event, Treatment):
+        return treatment.already_applied(state, event)
+    return state.enrolled_event_id == event.event_id

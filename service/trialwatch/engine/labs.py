@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from trialwatch.contract import Lab, Severity
 from trialwatch.engine.lifecycle import AlertBook
+from trialwatch.engine.retention import PINNED_MAX, fingerprint_int
 from trialwatch.engine.state import LabResult, SubjectState
 from trialwatch.protocol import AeGradeRule, BilirubinRule, CtcaeTerm, GradeCriterion, PlateletsRule, Protocol
-from trialwatch.units import ANALYTE_NAMES, CANONICAL_UNIT, DISPLAY_UNIT, plausible_reference_range, to_canonical
+from trialwatch.units import ANALYTE_NAMES, DISPLAY_UNIT, plausible_reference_range, to_canonical
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,21 +154,85 @@ def lab_rules(protocol: Protocol) -> list[LabRule]:
     return rules
 
 
+# What the lab rules read of the past (retention.py keeps it; the rest is forgotten):
+# per analyte the newest results (the latest decides firing), the baseline
+# (the last results at or before the first second-line start: three, so a
+# cancelled baseline falls back to the one before), every result an open
+# alert rests on, and the closed episodes of each rule and analyte.
+BASELINE_PINNED = 3
+REMEMBERS_EPISODES = frozenset({PlateletsLow.rule, BilirubinHigh.rule, CtcaeGrade3Plus.rule})
+
+
+def _before(results: list[LabResult], at: datetime) -> int:
+    """How many of `results` (clinical-time order) are at or before `at`."""
+    return bisect.bisect_right(results, at, key=lambda r: r.at)
+
+
+def _first_start(state: SubjectState) -> datetime | None:
+    starts = state.second_line_starts
+    return min(s.at for s in starts) if starts else None
+
+
 def baseline_of(state: SubjectState, analyte: str) -> LabResult | None:
     """The analyte's last result at or before the second-line start (None before a start is known)."""
-    starts = state.second_line_starts
-    if not starts:
+    start = _first_start(state)
+    series = state.labs.get(analyte)
+    if start is None or series is None:
         return None
-    start = min(s.at for s in starts)
-    before = [r for r in state.labs.values() if r.analyte == analyte and r.at <= start]
-    return max(before, key=lambda r: (r.at, r.seq), default=None)
+    n = _before(series.results, start)
+    return series.results[n - 1] if n else None
+
+
+def pinned_results(state: SubjectState, analyte: str) -> list[str]:
+    """Results of `analyte` the lab rules still need: the baseline candidates and open alerts' support."""
+    series = state.labs.get(analyte)
+    if series is None:
+        return []
+    pinned: list[str] = []
+    start = _first_start(state)
+    if start is not None:
+        n = _before(series.results, start)
+        pinned += [r.result_id for r in series.results[max(0, n - BASELINE_PINNED) : n]]
+    for rec in state.alerts.values():
+        if rec.key == analyte and rec.status == "firing" and rec.rule in REMEMBERS_EPISODES:
+            pinned += rec.support
+    return pinned
+
+
+def _rid_index(state: SubjectState) -> dict[str, str]:
+    """result_id -> analyte of the kept results, built once per decoded state (not encoded)."""
+    index: dict[str, str] | None = state.__dict__.get("_rid_index")
+    if index is None:
+        index = {r.result_id: analyte for analyte, series in state.labs.items() for r in series.results}
+        state.__dict__["_rid_index"] = index
+    return index
+
+
+def current_version(state: SubjectState, rid: str) -> LabResult | None:
+    """The kept current version of a result, whichever analyte it was sent as."""
+    analyte = _rid_index(state).get(rid)
+    series = state.labs.get(analyte) if analyte is not None else None
+    if series is None:
+        return None
+    return next((r for r in series.results if r.result_id == rid), None)
+
+
+def already_applied(state: SubjectState, lab: Lab) -> bool:
+    """The event is the current or an earlier version of a kept result (a re-send)."""
+    current = current_version(state, lab.result_key)
+    if current is None:
+        return False
+    return current.event_id == lab.event_id or fingerprint_int(lab.event_id) in current.superseded
 
 
 def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
     """Store the lab's version of its result (or drop a cancelled one); returns the result id."""
     rid = lab.result_key
+    previous = current_version(state, rid)
+    if previous is not None:
+        state.labs[previous.analyte].results.remove(previous)
+        del _rid_index(state)[rid]
     if lab.status == "cancelled":
-        state.labs.pop(rid, None)
         return rid
     default = protocol.reference_ranges[lab.analyte]
     # A range no laboratory could report (a ULN of 1e-30) is set aside, not
@@ -181,10 +248,11 @@ def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
     lln = default.low
     if lab.ref_low is not None and site_range:
         lln = to_canonical(lab.analyte, lab.ref_low, lab.unit)
-    state.labs[rid] = LabResult(
+    superseded = [*previous.superseded, fingerprint_int(previous.event_id)][-8:] if previous is not None else []
+    result = LabResult(
+        result_id=rid,
         analyte=lab.analyte,
         value=to_canonical(lab.analyte, lab.value, lab.unit),
-        unit=CANONICAL_UNIT[lab.analyte],
         value_as_sent=lab.value,
         unit_as_sent=lab.unit,
         uln=uln,
@@ -194,7 +262,12 @@ def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
         seq=state.seq,
         status=lab.status,
         event_id=lab.event_id,
+        superseded=superseded,
     )
+    results = state.series(lab.analyte).results
+    # The newest seq: after every result of the same clinical time.
+    results.insert(_before(results, result.at), result)
+    _rid_index(state)[rid] = lab.analyte
     return rid
 
 
@@ -246,9 +319,11 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
     opens and at once resolves an alert: the DSMB still learns of the episode.
     """
     state = book.state
-    results = {rid: r for rid, r in state.labs.items() if r.analyte == rule.analyte}
+    series = state.labs.get(rule.analyte)
+    ordered = series.results if series is not None else []
+    results = {r.result_id: r for r in ordered}
     baseline = baseline_of(state, rule.analyte)
-    breaches = {rid: b for rid, r in results.items() if (b := rule.assess(r, baseline)) is not None}
+    breaches = _Breaches(rule, results, baseline)
     basis: dict[str, Any] = {
         "baseline": None
         if baseline is None
@@ -259,8 +334,8 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             "abnormal": baseline.value > baseline.uln,
         }
     }
-    latest_id = max(results, key=lambda rid: (results[rid].at, results[rid].seq), default=None)
-    latest = results[latest_id] if latest_id is not None else None
+    latest = ordered[-1] if ordered else None
+    latest_id = latest.result_id if latest is not None else None
     key = rule.analyte
     changed_result = results.get(changed)
     changed_breach = breaches.get(changed)
@@ -270,6 +345,8 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
         rec.support = [rid for rid in rec.support if rid in breaches]
         if changed_breach is not None and changed not in rec.support and changed_result is not None:
             rec.support.append(changed)
+            # Bounded: an alert open for years rests on its newest results.
+            del rec.support[:-PINNED_MAX]
         if not rec.support or latest_id not in breaches:
             why = (
                 "the results it rested on were cancelled or corrected"
@@ -344,6 +421,33 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             ),
             summary=f"Resolved: {_label(rule, latest)}, the later result no longer breaches",
         )
+
+
+class _Breaches:
+    """The rule's breach of each result, assessed when asked: a rule reads a few, not every kept one."""
+
+    def __init__(self, rule: LabRule, results: dict[str, LabResult], baseline: LabResult | None) -> None:
+        self.rule = rule
+        self.results = results
+        self.baseline = baseline
+        self.memo: dict[str, Breach | None] = {}
+
+    def get(self, rid: str | None) -> Breach | None:
+        if rid is None:
+            return None
+        if rid not in self.memo:
+            result = self.results.get(rid)
+            self.memo[rid] = self.rule.assess(result, self.baseline) if result is not None else None
+        return self.memo[rid]
+
+    def __contains__(self, rid: str | None) -> bool:
+        return self.get(rid) is not None
+
+    def __getitem__(self, rid: str) -> Breach:
+        breach = self.get(rid)
+        if breach is None:
+            raise KeyError(rid)
+        return breach
 
 
 def _rank(breach: Breach) -> int:

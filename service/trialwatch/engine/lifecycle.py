@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from trialwatch.contract import SEVERITY_RANK, AlertMessage, Severity
+from trialwatch.engine.retention import add_episode
 from trialwatch.engine.state import AlertRecord, Episode, SubjectState
 
 
@@ -53,6 +55,16 @@ def bounded(value: Any, depth: int = 0) -> Any:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """What rules remember of resolved alerts, as they declare it (see retention)."""
+
+    # Rules whose resolved alert record is kept (a rule that fires once per subject).
+    resolved: frozenset[str]
+    # Rules whose closed episodes are kept (a late result inside one does not reopen it).
+    episodes: frozenset[str]
+
+
 class AlertBook:
     """Applies lifecycle transitions to a subject's alert records and collects the messages.
 
@@ -60,11 +72,19 @@ class AlertBook:
     and service time.
     """
 
-    def __init__(self, state: SubjectState, trial: str, occurred_at: datetime, now: datetime) -> None:
+    def __init__(
+        self,
+        state: SubjectState,
+        trial: str,
+        occurred_at: datetime,
+        now: datetime,
+        memory: Memory,
+    ) -> None:
         self.state = state
         self.trial = trial
         self.occurred_at = occurred_at
         self.now = now
+        self.memory = memory
         self.messages: list[AlertMessage] = []
 
     def open_record(self, rule: str, key: str) -> AlertRecord | None:
@@ -129,9 +149,15 @@ class AlertBook:
         rec.status = "resolved"
         rec.revision += 1
         rec.support = []
-        self.state.closed_episodes.setdefault(f"{rec.rule}|{rec.key}", []).append(
-            Episode(started_at=rec.started_at, ended_at=max(ended_at, rec.started_at))
-        )
+        slot = f"{rec.rule}|{rec.key}"
+        if rec.rule in self.memory.episodes:
+            add_episode(
+                self.state.closed_episodes.setdefault(slot, []),
+                Episode(started_at=rec.started_at, ended_at=max(ended_at, rec.started_at)),
+            )
+        if rec.rule not in self.memory.resolved and self.state.alerts.get(slot) is rec:
+            # Nothing reads it once resolved: the rule's next episode opens a new alert.
+            del self.state.alerts[slot]
         self._emit(rec, evidence, summary)
 
     def _emit(

@@ -6,11 +6,28 @@ from decimal import Decimal
 
 from trialwatch.contract import Scan
 from trialwatch.engine.lifecycle import AlertBook
+from trialwatch.engine.retention import SCANS_KEPT
 from trialwatch.engine.state import ScanRecord, SubjectState, TimepointResponse
 from trialwatch.protocol import Protocol, RecistRule
 
 # Best response order for the best overall response (NE: not evaluable).
 _RANK = {"CR": 4, "PR": 3, "SD": 2, "PD": 1, "NE": 0}
+
+
+def already_applied(state: SubjectState, scan: Scan) -> bool:
+    """The event is the scan's current version (a re-send)."""
+    current = state.scans.get(scan.scan_id)
+    return current is not None and current.event_id == scan.event_id
+
+
+def _forget_oldest_follow_up(state: SubjectState) -> None:
+    """Past SCANS_KEPT scans, the oldest follow-up goes (RECIST reads from the latest baseline on)."""
+    follow_ups = [s for s in state.scans.values() if s.timepoint != "baseline"]
+    baselines = [s for s in state.scans.values() if s.timepoint == "baseline"]
+    latest_baseline = max(baselines, key=lambda s: (s.at, s.seq), default=None)
+    older_baselines = [s for s in baselines if s is not latest_baseline]
+    oldest = min(older_baselines or follow_ups, key=lambda s: (s.at, s.seq))
+    del state.scans[oldest.scan_id]
 
 
 def record_scan(state: SubjectState, scan: Scan) -> None:
@@ -31,6 +48,8 @@ def record_scan(state: SubjectState, scan: Scan) -> None:
         non_targets_gone=[les.lesion_id for les in non_targets if les.diameter_mm == 0],
         new_lesions=[les.lesion_id for les in scan.lesions if les.role == "new"],
     )
+    while len(state.scans) > SCANS_KEPT:
+        _forget_oldest_follow_up(state)
 
 
 def _target_response(

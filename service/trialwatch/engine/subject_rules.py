@@ -7,19 +7,83 @@ topics, no order between them) leads to the same decision.
 
 from __future__ import annotations
 
-from datetime import timedelta
+import bisect
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from trialwatch.engine.lifecycle import AlertBook
-from trialwatch.engine.state import LabResult, SubjectState
+from trialwatch.engine.retention import Pins, newest
+from trialwatch.engine.state import LabResult, SubjectState, TreatmentEvent
 from trialwatch.protocol import Protocol
 
 SUBJECT_KEY = "subject"
 
 
-def _latest(results: list[LabResult]) -> LabResult | None:
-    return max(results, key=lambda r: (r.at, r.seq), default=None)
+def _in_window(state: SubjectState, analyte: str, start: datetime, end: datetime) -> list[LabResult]:
+    """The analyte's kept results with start <= at <= end, in clinical-time order."""
+    series = state.labs.get(analyte)
+    if series is None:
+        return []
+    results = series.results
+    lo = bisect.bisect_left(results, start, key=lambda r: r.at)
+    hi = bisect.bisect_right(results, end, key=lambda r: r.at)
+    return results[lo:hi]
+
+
+def _rild_window(state: SubjectState, protocol: Protocol) -> tuple[TreatmentEvent, datetime] | None:
+    if not state.sbrt_fractions:
+        return None
+    first = min(state.sbrt_fractions, key=lambda f: (f.at, f.seq))
+    return first, first.at + timedelta(days=protocol.rules.rild.window_days)
+
+
+def rild_pins(protocol: Protocol) -> Pins:
+    """What `rild.suspected` reads: the criteria analytes' results in the window after the first fraction."""
+    analytes = {c.analyte for c in protocol.rules.rild.criteria}
+
+    def pins(state: SubjectState, analyte: str) -> list[str]:
+        window = _rild_window(state, protocol) if analyte in analytes else None
+        if window is None:
+            return []
+        return newest(_in_window(state, analyte, window[0].at, window[1]))
+
+    return pins
+
+
+def rild_reads(state: SubjectState, protocol: Protocol, analyte: str, times: list[datetime]) -> bool:
+    """Whether a result of `analyte` at one of `times` (its new and former clinical time) is one RILD reads."""
+    window = _rild_window(state, protocol)
+    if window is None or analyte not in {c.analyte for c in protocol.rules.rild.criteria}:
+        return False
+    return any(window[0].at <= at <= window[1] for at in times)
+
+
+def eligibility_reads(state: SubjectState, protocol: Protocol, analyte: str, times: list[datetime]) -> bool:
+    """Whether a result of `analyte` at one of `times` is a screening result (eligibility reads it)."""
+    window = _screening_window(state, protocol)
+    if window is None or analyte not in {lab.analyte for lab in protocol.rules.eligibility.labs}:
+        return False
+    return any(window[0] <= at <= window[1] for at in times)
+
+
+def _screening_window(state: SubjectState, protocol: Protocol) -> tuple[datetime, datetime] | None:
+    if state.enrolled_at is None:
+        return None
+    return state.enrolled_at - timedelta(days=protocol.rules.eligibility.screening_window_days), state.enrolled_at
+
+
+def eligibility_pins(protocol: Protocol) -> Pins:
+    """What `eligibility.violation` reads: the screening labs' results in the window before enrolment."""
+    analytes = {lab.analyte for lab in protocol.rules.eligibility.labs}
+
+    def pins(state: SubjectState, analyte: str) -> list[str]:
+        window = _screening_window(state, protocol) if analyte in analytes else None
+        if window is None:
+            return []
+        return newest(_in_window(state, analyte, *window))
+
+    return pins
 
 
 def _num(value: Decimal) -> float:
@@ -30,22 +94,22 @@ def evaluate_rild(book: AlertBook, protocol: Protocol) -> None:
     """Within the window after the first SBRT fraction, ALP or a transaminase above its ULN multiple."""
     state = book.state
     spec = protocol.rules.rild
-    if not state.sbrt_fractions:
+    window = _rild_window(state, protocol)
+    if window is None:
         return
-    first = min(state.sbrt_fractions, key=lambda f: (f.at, f.seq))
-    window_end = first.at + timedelta(days=spec.window_days)
+    first, window_end = window
     breaches: list[dict[str, Any]] = []
     event_ids: list[str] = [first.event_id]
+    breach_times: list[datetime] = []
     for criterion in spec.criteria:
-        in_window = [
-            r for r in state.labs.values() if r.analyte == criterion.analyte and first.at <= r.at <= window_end
-        ]
-        latest = _latest(in_window)
-        if latest is None:
+        in_window = _in_window(state, criterion.analyte, first.at, window_end)
+        if not in_window:
             continue
+        latest = in_window[-1]
         limit = criterion.above_uln * latest.uln
         if latest.value > limit:
             event_ids.append(latest.event_id)
+            breach_times.append(latest.at)
             breaches.append(
                 {
                     "analyte": criterion.analyte,
@@ -76,7 +140,7 @@ def evaluate_rild(book: AlertBook, protocol: Protocol) -> None:
             key=SUBJECT_KEY,
             opening_event_id=event_ids[-1],
             severity=spec.severity,
-            started_at=min(r.at for r in state.labs.values() if r.event_id in event_ids[1:]),
+            started_at=min(breach_times),
             evidence=evidence,
             summary=f"Suspected radiation-induced liver disease: {names} within {spec.window_days} days of SBRT",
         )
@@ -109,20 +173,14 @@ def eligibility_failures(state: SubjectState, protocol: Protocol) -> list[dict[s
         )
     if state.first_line_regimen is not None and state.first_line_regimen not in spec.allowed_first_line:
         failures.append({"criterion": "first_line_regimen", "value": state.first_line_regimen})
-    if state.enrolled_at is None:
+    window = _screening_window(state, protocol)
+    if window is None:
         return failures
-    window_start = state.enrolled_at - timedelta(days=spec.screening_window_days)
-    # One pass over the subject's labs (this runs on every event, and the
-    # labs grow with every visit), not one per screening criterion.
-    wanted = {lab.analyte for lab in spec.labs}
-    screened: dict[str, list[LabResult]] = {}
-    for r in state.labs.values():
-        if r.analyte in wanted and window_start <= r.at <= state.enrolled_at:
-            screened.setdefault(r.analyte, []).append(r)
     for lab in spec.labs:
-        screening = _latest(screened.get(lab.analyte, []))
-        if screening is None:
+        screened = _in_window(state, lab.analyte, *window)
+        if not screened:
             continue
+        screening = screened[-1]
         if lab.at_least is not None and screening.value < lab.at_least:
             failures.append(
                 {

@@ -53,12 +53,18 @@ class ArmFact:
 def subject_fact(state: SubjectState, protocol: Protocol, event_id: str) -> ArmFact | None:
     if state.arm is None:
         return None
-    spec = protocol.rules.toxicity_boundary
-    counted = any(
-        ae.grade >= spec.min_grade and ae.attribution in spec.related_attributions
-        for ae in state.adverse_events.values()
-    )
+    counted = state.counted_forgotten > 0 or bool(pinned_reports(state, protocol))
     return ArmFact(state.subject_id, str(state.arm), counted, event_id)
+
+
+def pinned_reports(state: SubjectState, protocol: Protocol) -> set[str]:
+    """What the monitor reads of the past: the AEs that count (treatment-related, grade >= min_grade)."""
+    spec = protocol.rules.toxicity_boundary
+    return {
+        key
+        for key, ae in state.adverse_events.items()
+        if ae.grade >= spec.min_grade and ae.attribution in spec.related_attributions
+    }
 
 
 def changed_fact(before: ArmFact | None, after: ArmFact | None) -> ArmFact | None:

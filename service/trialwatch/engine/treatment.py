@@ -14,6 +14,7 @@ from typing import Any
 
 from trialwatch.contract import Treatment
 from trialwatch.engine.lifecycle import AlertBook
+from trialwatch.engine.retention import add_treatment
 from trialwatch.engine.state import AlertRecord, SubjectState, TreatmentEvent
 from trialwatch.protocol import Protocol
 
@@ -30,6 +31,17 @@ WINDOW_KEY = "second_line"
 SUBJECT_KEY = "subject"
 
 
+# What the treatment rules read of the past: the earliest events of each kind
+# (retention.TREATMENTS_KEPT), and their own resolved alerts: the window
+# rules fire once per subject, the deviations once and never resolve.
+REMEMBERS_RESOLVED = frozenset({"sbrt.window.at_risk", "sbrt.window.missed"})
+
+
+def already_applied(state: SubjectState, event: Treatment) -> bool:
+    """The event is a kept treatment event (a re-send)."""
+    return any(item.event_id == event.event_id for item in getattr(state, _LISTS[event.kind]))
+
+
 def record_treatment(state: SubjectState, event: Treatment) -> None:
     item = TreatmentEvent(
         event_id=event.event_id,
@@ -39,7 +51,7 @@ def record_treatment(state: SubjectState, event: Treatment) -> None:
         reason=event.reason,
         fraction=event.fraction,
     )
-    getattr(state, _LISTS[event.kind]).append(item)
+    add_treatment(getattr(state, _LISTS[event.kind]), item)
 
 
 def _first(items: list[TreatmentEvent]) -> TreatmentEvent | None:
