@@ -96,11 +96,13 @@ def duplicate_key(payload: bytes | str) -> str | None:
     return None
 
 
-def decode(topic: str, payload: bytes) -> InputEvent | Rejection:
+def decode(topic: str, payload: bytes, *, keys_checked: bool = False) -> InputEvent | Rejection:
     """Validate one record's value against the topic's v1 model.
 
     Never raises for bad input: anything that is not a valid event comes back
     as a `Rejection`, so the caller dead-letters it and moves on.
+    `keys_checked`: the caller parsed `payload` with `loads_unique` already
+    (replay, which reads it inside a line), so repeated keys are not looked for again.
     """
     model = MODEL_BY_TOPIC.get(topic)
     if model is None:
@@ -116,7 +118,7 @@ def decode(topic: str, payload: bytes) -> InputEvent | Rejection:
         event: InputEvent = model.model_validate_json(payload)  # type: ignore[assignment]
     except ValidationError as exc:
         return _rejection(exc, payload)
-    repeated = duplicate_key(payload)
+    repeated = None if keys_checked else duplicate_key(payload)
     if repeated is not None:
         return Rejection(
             "duplicate_key", f"the key {_clip(repeated, 64)!r} appears twice in one object", [], event.event_id

@@ -11,7 +11,7 @@ from datetime import datetime
 from trialwatch.contract import MAX_INPUT_BYTES, AlertMessage, InputEvent
 from trialwatch.decode import DuplicateKey, Rejection, decode, loads_unique
 from trialwatch.engine import Engine, SubjectState, Tick
-from trialwatch.engine.toxicity import ArmMonitor, ArmState, changed_fact, subject_fact
+from trialwatch.engine.toxicity import ArmMonitor, ArmState, can_change_fact, changed_fact, subject_fact
 from trialwatch.failures import where
 
 # A line is the envelope around one input value: the value's limit plus room for the envelope.
@@ -52,8 +52,10 @@ def read_event_file(lines: Iterable[str]) -> Iterator[tuple[int, InputEvent | Ba
         if not isinstance(envelope, dict) or not isinstance(envelope.get("topic"), str) or "value" not in envelope:
             yield line_no, BadLine(line_no, "not_an_object", 'a line must be {"topic": "...", "value": {...}}')
             continue
-        # Not ASCII-escaped: the size the live decoder judges is the publisher's UTF-8.
-        result = decode(envelope["topic"], json.dumps(envelope["value"], ensure_ascii=False).encode())
+        # Not ASCII-escaped: the size the live decoder judges is the publisher's
+        # UTF-8. Its keys were checked for repeats in the parse above.
+        value = json.dumps(envelope["value"], ensure_ascii=False).encode()
+        result = decode(envelope["topic"], value, keys_checked=True)
         if isinstance(result, Rejection):
             yield line_no, BadLine(line_no, result.reason, result.detail)
         else:
@@ -123,7 +125,8 @@ class Replay:
         out = self._advance(event.occurred_at)
         now = self._now(event.occurred_at)
         previous = self.states.get(event.subject_id)
-        before = subject_fact(previous, self.engine.protocol, "") if previous is not None else None
+        facts = can_change_fact(event)
+        before = subject_fact(previous, self.engine.protocol, "") if facts and previous is not None else None
         try:
             state, alerts = self.engine.apply(previous, event, now)
         except Exception as exc:  # noqa: BLE001 - the worker's policy: report the event, go on with the next
@@ -134,7 +137,7 @@ class Replay:
             return out
         self._store(event.subject_id, state)
         out += alerts
-        fact = changed_fact(before, subject_fact(state, self.engine.protocol, event.event_id))
+        fact = changed_fact(before, subject_fact(state, self.engine.protocol, event.event_id)) if facts else None
         if fact is not None:
             try:
                 self.arms[fact.arm], arm_alerts = self.arm_monitor.apply(self.arms.get(fact.arm), fact, now)

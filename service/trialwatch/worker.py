@@ -30,7 +30,14 @@ from trialwatch.contract import (
 from trialwatch.decode import Rejection, decode, excerpt
 from trialwatch.engine import Engine, SubjectState, Tick
 from trialwatch.engine.state import StateHeader, header_of
-from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, changed_fact, subject_fact
+from trialwatch.engine.toxicity import (
+    ArmFact,
+    ArmMonitor,
+    ArmState,
+    can_change_fact,
+    changed_fact,
+    subject_fact,
+)
 from trialwatch.failures import where
 from trialwatch.metrics import Metrics, alert_labels, site_label
 
@@ -240,9 +247,10 @@ class SubjectWorker:
             return
         try:
             state = self._load(record.key, states)
-            before = subject_fact(state, self.engine.protocol, "") if state is not None else None
+            facts = can_change_fact(event)
+            before = subject_fact(state, self.engine.protocol, "") if facts and state is not None else None
             state, alerts = self.engine.apply(state, event, self.clock())
-            after = subject_fact(state, self.engine.protocol, event.event_id)
+            after = subject_fact(state, self.engine.protocol, event.event_id) if facts else None
             raw = state.to_bytes()
         except Exception as exc:  # noqa: BLE001 - a bug must dead-letter the event, not kill the worker
             await self._processing_failed(record, exc, "rule evaluation", event.event_id, bound)

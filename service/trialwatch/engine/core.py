@@ -48,6 +48,9 @@ class Engine:
             subject_rules.rild_pins(protocol),
             subject_rules.eligibility_pins(protocol),
         )
+        # The analytes the subject rules read (RILD, eligibility): a lab of another skips them.
+        self.rild_analytes = frozenset(c.analyte for c in protocol.rules.rild.criteria)
+        self.screening_analytes = frozenset(lab.analyte for lab in protocol.rules.eligibility.labs)
         self.memory = Memory(resolved=treatment.REMEMBERS_RESOLVED, episodes=labs.REMEMBERS_EPISODES)
 
     def apply(
@@ -71,9 +74,8 @@ class Engine:
 
         if state is None:
             state = SubjectState(subject_id=event.subject_id, site_id=event.site_id)
-        if retention.seen(state, event.event_id) or _already_applied(state, event):
+        if not retention.first_time(state, event.event_id) or _already_applied(state, event):
             return state, []
-        retention.remember(state, event.event_id)
         state.seq += 1
         book = AlertBook(state, self.protocol.trial, event.occurred_at, now, self.memory)
 
@@ -125,14 +127,19 @@ class Engine:
         # The clinical times this event touches: its own, and its former version's (a correction may move it).
         previous = labs.current_version(state, lab.result_key)
         times = [lab.occurred_at] if previous is None else [lab.occurred_at, previous.at]
-        changed = labs.record_result(state, lab, self.protocol)
-        for rule in self.rules_by_analyte.get(lab.analyte, ()):
-            labs.evaluate(rule, book, lab, changed, self.protocol)
+        changed = labs.record_result(state, lab, self.protocol, previous)
+        rules = self.rules_by_analyte.get(lab.analyte)
+        if rules:
+            view = labs.AnalyteView.of(state, lab.analyte)
+            for rule in rules:
+                labs.evaluate(rule, book, lab, changed, self.protocol, view)
         # A previous version sent as another analyte changed that analyte's results too.
         analytes = {lab.analyte} if previous is None else {lab.analyte, previous.analyte}
-        if any(subject_rules.rild_reads(state, self.protocol, a, times) for a in analytes):
+        if not analytes.isdisjoint(self.rild_analytes) and subject_rules.rild_reads(state, self.protocol, times):
             subject_rules.evaluate_rild(book, self.protocol)
-        if any(subject_rules.eligibility_reads(state, self.protocol, a, times) for a in analytes):
+        if not analytes.isdisjoint(self.screening_analytes) and subject_rules.eligibility_reads(
+            state, self.protocol, times
+        ):
             subject_rules.evaluate_eligibility(book, self.protocol)
         retention.compact_series(book.state, lab.analyte, self.lab_pins)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from trialwatch.contract import Lab, Severity
+from trialwatch.contract import SEVERITY_RANK, Lab, Severity
 from trialwatch.engine.lifecycle import AlertBook
 from trialwatch.engine.retention import PINNED_MAX, fingerprint_int
 from trialwatch.engine.state import LabResult, SubjectState
@@ -225,10 +226,26 @@ def already_applied(state: SubjectState, lab: Lab) -> bool:
     return current.event_id == lab.event_id or fingerprint_int(lab.event_id) in current.superseded
 
 
-def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
-    """Store the lab's version of its result (or drop a cancelled one); returns the result id."""
+@functools.lru_cache(maxsize=4096)
+def _site_range(
+    analyte: str, ref_low: float | None, ref_high: float | None, unit: str
+) -> tuple[Decimal | None, Decimal | None, bool]:
+    """A result's reference range in the canonical unit (low, high) and whether it is plausible.
+
+    Cached: a site sends the same range with every result of an analyte.
+    """
+    plausible = plausible_reference_range(analyte, ref_low, ref_high, unit)
+    low = to_canonical(analyte, ref_low, unit) if ref_low is not None and plausible else None
+    high = to_canonical(analyte, ref_high, unit) if ref_high is not None and plausible else None
+    return low, high, plausible
+
+
+def record_result(state: SubjectState, lab: Lab, protocol: Protocol, previous: LabResult | None) -> str:
+    """Store the lab's version of its result (or drop a cancelled one); returns the result id.
+
+    `previous`: the result's current version (`current_version`), which this one replaces.
+    """
     rid = lab.result_key
-    previous = current_version(state, rid)
     if previous is not None:
         state.labs[previous.analyte].results.remove(previous)
         del _rid_index(state)[rid]
@@ -238,16 +255,16 @@ def record_result(state: SubjectState, lab: Lab, protocol: Protocol) -> str:
     # A range no laboratory could report (a ULN of 1e-30) is set aside, not
     # refused: the value itself can still be graded, and a grade-4 count must
     # not wait for the site to fix its range.
-    site_range = plausible_reference_range(lab.analyte, lab.ref_low, lab.ref_high, lab.unit)
-    if lab.ref_high is not None and site_range:
-        uln = to_canonical(lab.analyte, lab.ref_high, lab.unit)
-        origin: Any = "site"
-    else:
-        uln = default.high
-        origin = "protocol_default" if site_range else "protocol_default_implausible_site_range"
-    lln = default.low
-    if lab.ref_low is not None and site_range:
-        lln = to_canonical(lab.analyte, lab.ref_low, lab.unit)
+    low, high, site_range = _site_range(lab.analyte, lab.ref_low, lab.ref_high, lab.unit)
+    uln = high if high is not None else default.high
+    origin: Any = (
+        "site"
+        if high is not None
+        else "protocol_default"
+        if site_range
+        else ("protocol_default_implausible_site_range")
+    )
+    lln = low if low is not None else default.low
     superseded = [*previous.superseded, fingerprint_int(previous.event_id)][-8:] if previous is not None else []
     result = LabResult(
         result_id=rid,
@@ -307,33 +324,49 @@ def _evidence(
     return ev
 
 
+def _baseline_evidence(baseline: LabResult | None) -> dict[str, Any] | None:
+    if baseline is None:
+        return None
+    return {
+        "value": float(baseline.value),
+        "at": baseline.at.isoformat(),
+        "event_id": baseline.event_id,
+        "abnormal": baseline.value > baseline.uln,
+    }
+
+
 def _label(rule: LabRule, result: LabResult) -> str:
     return f"{ANALYTE_NAMES[rule.analyte]} {_fmt(result.value)} {DISPLAY_UNIT.get(result.unit, result.unit)}"
 
 
-def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: Protocol) -> None:
+@dataclass(frozen=True, slots=True)
+class AnalyteView:
+    """One analyte's kept results as the lab rules read them, built once per event for all its rules."""
+
+    ordered: list[LabResult]  # clinical-time order
+    results: dict[str, LabResult]
+    baseline: LabResult | None
+
+    @classmethod
+    def of(cls, state: SubjectState, analyte: str) -> AnalyteView:
+        series = state.labs.get(analyte)
+        ordered = series.results if series is not None else []
+        return cls(ordered, {r.result_id: r for r in ordered}, baseline_of(state, analyte))
+
+
+def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: Protocol, view: AnalyteView) -> None:
     """Bring the rule's alert for this analyte in line with the subject's current results.
 
     The newest result (by clinical time) decides whether the alert is firing.
     A late result that breached in the past, with no alert covering that time,
     opens and at once resolves an alert: the DSMB still learns of the episode.
     """
-    state = book.state
-    series = state.labs.get(rule.analyte)
-    ordered = series.results if series is not None else []
-    results = {r.result_id: r for r in ordered}
-    baseline = baseline_of(state, rule.analyte)
+    ordered, results, baseline = view.ordered, view.results, view.baseline
     breaches = _Breaches(rule, results, baseline)
-    basis: dict[str, Any] = {
-        "baseline": None
-        if baseline is None
-        else {
-            "value": float(baseline.value),
-            "at": baseline.at.isoformat(),
-            "event_id": baseline.event_id,
-            "abnormal": baseline.value > baseline.uln,
-        }
-    }
+
+    def evidence(result: LabResult | None, breach: Breach | None, **extra: Any) -> dict[str, Any]:
+        return _evidence(rule, result, breach, lab, protocol, **extra, baseline=_baseline_evidence(baseline))
+
     latest = ordered[-1] if ordered else None
     latest_id = latest.result_id if latest is not None else None
     key = rule.analyte
@@ -357,18 +390,20 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             book.resolve(
                 rec,
                 ended_at=latest.at if latest is not None else rec.started_at,
-                evidence=_evidence(rule, shown, None, lab, protocol, resolved_because=why, **basis),
+                evidence=evidence(shown, None, resolved_because=why),
                 summary=f"Resolved: {rule.rule}, {why}"
                 + (f" (latest: {_label(rule, shown)})" if shown is not None else ""),
             )
             return
         worst_id = max(rec.support, key=lambda rid: _rank(breaches[rid]))
         worst = breaches[worst_id]
+        if SEVERITY_RANK[worst.severity] <= SEVERITY_RANK[rec.severity]:
+            return  # nothing to escalate (escalate would send nothing): no evidence to build
         book.escalate(
             rec,
             severity=worst.severity,
             ctcae_grade=worst.ctcae_grade,
-            evidence=_evidence(rule, results[worst_id], worst, lab, protocol, **basis),
+            evidence=evidence(results[worst_id], worst),
             summary=f"Escalated: {_label(rule, results[worst_id])} {worst.threshold} (CTCAE grade {worst.ctcae_grade})",
         )
         return
@@ -388,7 +423,7 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             ctcae_grade=worst.ctcae_grade,
             started_at=min(results[rid].at for rid in support),
             support=support,
-            evidence=_evidence(rule, results[worst_id], worst, lab, protocol, **basis),
+            evidence=evidence(results[worst_id], worst),
             summary=f"{_label(rule, results[worst_id])} {worst.threshold} (CTCAE grade {worst.ctcae_grade})",
         )
         return
@@ -407,7 +442,7 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
             ctcae_grade=changed_breach.ctcae_grade,
             started_at=changed_result.at,
             support=[changed],
-            evidence=_evidence(rule, changed_result, changed_breach, lab, protocol, late_result=True, **basis),
+            evidence=evidence(changed_result, changed_breach, late_result=True),
             summary=(
                 f"{_label(rule, changed_result)} {changed_breach.threshold} "
                 f"(CTCAE grade {changed_breach.ctcae_grade}), reported after a later normal result"
@@ -416,9 +451,7 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
         book.resolve(
             rec,
             ended_at=latest.at,
-            evidence=_evidence(
-                rule, latest, None, lab, protocol, resolved_because="a later result no longer breaches", **basis
-            ),
+            evidence=evidence(latest, None, resolved_because="a later result no longer breaches"),
             summary=f"Resolved: {_label(rule, latest)}, the later result no longer breaches",
         )
 

@@ -82,13 +82,21 @@ def _seen_set(state: SubjectState) -> set[bytes]:
     return index
 
 
-def seen(state: SubjectState, event_id: str) -> bool:
-    return fingerprint(event_id) in _seen_set(state)
+def first_time(state: SubjectState, event_id: str) -> bool:
+    """False when the id is among the subject's recent ids; else True, and it is now."""
+    digest = fingerprint(event_id)
+    if digest in _seen_set(state):
+        return False
+    _remember(state, digest)
+    return True
 
 
 def remember(state: SubjectState, event_id: str) -> None:
-    """Add the id to the subject's recent ids, forgetting the oldest past SEEN_EVENT_IDS."""
-    digest = fingerprint(event_id)
+    _remember(state, fingerprint(event_id))
+
+
+def _remember(state: SubjectState, digest: bytes) -> None:
+    """Add the fingerprint to the subject's recent ids, forgetting the oldest past SEEN_EVENT_IDS."""
     index = _seen_set(state)
     ring = state.seen + digest
     index.add(digest)
@@ -172,4 +180,3 @@ def add_episode(episodes: list[Episode], episode: Episode) -> None:
     episodes.append(episode)
     if len(episodes) > EPISODES_KEPT:
         episodes.remove(min(episodes, key=lambda ep: ep.ended_at))
-

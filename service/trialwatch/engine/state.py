@@ -19,8 +19,12 @@ from trialwatch.contract import Arm, Severity
 from trialwatch.units import CANONICAL_UNIT
 
 
-class _State(msgspec.Struct, array_like=True, omit_defaults=True):
-    """Mutable on purpose: the engine owns the state it is handed and updates it in place."""
+class _State(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Mutable on purpose: the engine owns the state it is handed and updates it in place.
+
+    gc=False: a state is a tree (no reference cycles), and thousands of them
+    live in a worker or a replay; the cyclic collector need not walk them.
+    """
 
 
 class LabResult(_State):
@@ -136,8 +140,8 @@ class AlertRecord(_State):
     support: list[str] = []
 
 
-class SubjectState(_State, dict=True):
-    # dict=True: room for indexes built on demand (not encoded).
+class SubjectState(_State, dict=True, gc=True):
+    # dict=True: room for indexes built on demand (not encoded); so tracked by the collector.
     subject_id: str
     site_id: str
     arm: Arm | None = None

@@ -51,20 +51,16 @@ def rild_pins(protocol: Protocol) -> Pins:
     return pins
 
 
-def rild_reads(state: SubjectState, protocol: Protocol, analyte: str, times: list[datetime]) -> bool:
-    """Whether a result of `analyte` at one of `times` (its new and former clinical time) is one RILD reads."""
+def rild_reads(state: SubjectState, protocol: Protocol, times: list[datetime]) -> bool:
+    """Whether a criterion analyte's result at one of `times` (its new and former clinical time) is in the window."""
     window = _rild_window(state, protocol)
-    if window is None or analyte not in {c.analyte for c in protocol.rules.rild.criteria}:
-        return False
-    return any(window[0].at <= at <= window[1] for at in times)
+    return window is not None and any(window[0].at <= at <= window[1] for at in times)
 
 
-def eligibility_reads(state: SubjectState, protocol: Protocol, analyte: str, times: list[datetime]) -> bool:
-    """Whether a result of `analyte` at one of `times` is a screening result (eligibility reads it)."""
+def eligibility_reads(state: SubjectState, protocol: Protocol, times: list[datetime]) -> bool:
+    """Whether a screening analyte's result at one of `times` is in the screening window."""
     window = _screening_window(state, protocol)
-    if window is None or analyte not in {lab.analyte for lab in protocol.rules.eligibility.labs}:
-        return False
-    return any(window[0] <= at <= window[1] for at in times)
+    return window is not None and any(window[0] <= at <= window[1] for at in times)
 
 
 def _screening_window(state: SubjectState, protocol: Protocol) -> tuple[datetime, datetime] | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from trialwatch.contract import AlertMessage, Arm
+from trialwatch.contract import AdverseEvent, AlertMessage, Arm, Enrollment
 from trialwatch.engine.lifecycle import alert_id, bounded
 from trialwatch.engine.state import SubjectState
 from trialwatch.protocol import Protocol, ToxicityBoundaryRule
@@ -48,6 +48,11 @@ class ArmFact:
         ):
             raise ValueError("not an arm fact")
         return fact
+
+
+def can_change_fact(event: object) -> bool:
+    """Only an enrolment (the arm) or an adverse event (the count) changes what a subject contributes."""
+    return isinstance(event, Enrollment | AdverseEvent)
 
 
 def subject_fact(state: SubjectState, protocol: Protocol, event_id: str) -> ArmFact | None:
