@@ -12,6 +12,7 @@ KAFKA := deploy/kafka/kafka.sh
 # `make test` runs its own broker on other ports than `make run`, so both can run at once.
 TEST_KAFKA_ENV := KAFKA_PORT=19092 KAFKA_CONTROLLER_PORT=19093 KAFKA_STATE_DIR=$(CURDIR)/.kafka-test
 BENCH_KAFKA_ENV := KAFKA_PORT=19192 KAFKA_CONTROLLER_PORT=19193 KAFKA_STATE_DIR=$(CURDIR)/.kafka-bench
+BENCH_STATE_KAFKA_ENV := KAFKA_PORT=19292 KAFKA_CONTROLLER_PORT=19293 KAFKA_STATE_DIR=$(CURDIR)/.kafka-bench-state
 
 .PHONY: install run test lint unit schemas promtool chromium kafka-up kafka-down clean bench bench-state fuzz
 
@@ -73,10 +74,17 @@ bench: install
 	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(BENCH_KAFKA_ENV) $(KAFKA) stop; fi; \
 	exit $$status
 
-# Per-event cost and subject-state size as one subject's history grows, and the
-# replay rate of the 1,000-subject seed cohort (in-process, no broker; issue 11).
+# Per-event cost and subject-state size as one subject's history grows, the
+# recovery of a partition of 1,000 subjects of 2,000 events (in-process, then
+# through a worker on a fresh broker of its own) and the replay rate of the
+# 1,000-subject seed cohort (issue 11).
 bench-state: install
-	$(BIN)/python benchmarks/state_growth.py
+	@user_broker=$${KAFKA_BOOTSTRAP_SERVERS:-}; \
+	$(BENCH_STATE_KAFKA_ENV) $(KAFKA) start || exit 1; \
+	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(BENCH_STATE_KAFKA_ENV) $(KAFKA) bootstrap)}; \
+	$(BIN)/python benchmarks/state_growth.py; status=$$?; \
+	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(BENCH_STATE_KAFKA_ENV) $(KAFKA) stop; fi; \
+	exit $$status
 
 # The whole fuzz suite (not a test target: minutes, not seconds). Every surface
 # (decode → engine → worker shell, HL7, FHIR, MLLP, DSMB API) at FUZZ_INPUTS
@@ -92,4 +100,4 @@ kafka-down:
 	@$(KAFKA) stop
 
 clean:
-	rm -rf $(VENV) .kafka .kafka-test .kafka-bench trialwatch-data .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .kafka .kafka-test .kafka-bench .kafka-bench-state trialwatch-data .mypy_cache .ruff_cache .pytest_cache

@@ -98,32 +98,45 @@ async def committed_all(bootstrap: str, group: str) -> bool:
         await admin.close()
 
 
-def worker_run(bootstrap: str, workdir: Path) -> tuple[float, str]:
-    """Start a worker with a new group, time it from consuming to every input committed; return its metrics too."""
-    port = 16900 + os.getpid() % 100
-    app_id = f"bench-{uuid.uuid4().hex[:8]}"
+def start_worker(
+    bootstrap: str, workdir: Path, app_id: str, port: int, log_level: str = "warning"
+) -> subprocess.Popen[bytes]:
+    """A `trialwatch worker` process of group `app_id`, its data and its log (worker.log) in `workdir`."""
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "TRIALWATCH_APP_ID": app_id,
         "TRIALWATCH_WEB_PORT": str(port),
         "TRIALWATCH_DATA_DIR": str(workdir / "data"),
-        "TRIALWATCH_LOG_LEVEL": "warning",
+        "TRIALWATCH_LOG_LEVEL": log_level,
     }
-    log = (workdir / "worker.log").open("wb")
-    proc = subprocess.Popen([TRIALWATCH, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    with (workdir / "worker.log").open("wb") as log:
+        return subprocess.Popen([TRIALWATCH, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_consuming(proc: subprocess.Popen[bytes], port: int, workdir: Path) -> None:
+    """Until the worker's /health says it consumes: tables recovered and partitions assigned."""
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited: see {workdir / 'worker.log'}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if json.loads(r.read()).get("consuming"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def worker_run(bootstrap: str, workdir: Path) -> tuple[float, str]:
+    """Start a worker with a new group, time it from consuming to every input committed; return its metrics too."""
+    port = 16900 + os.getpid() % 100
+    app_id = f"bench-{uuid.uuid4().hex[:8]}"
+    proc = start_worker(bootstrap, workdir, app_id, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited: see {workdir / 'worker.log'}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if json.loads(r.read()).get("consuming"):
-                        break
-            except OSError:
-                pass
-            time.sleep(0.2)
+        wait_consuming(proc, port, workdir)
         started = time.perf_counter()
         while not asyncio.run(committed_all(bootstrap, app_id)):
             time.sleep(0.5)
