@@ -11,8 +11,9 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from trialwatch.contract import SEVERITY_RANK, Lab, Severity
+from trialwatch.engine import retention
 from trialwatch.engine.lifecycle import AlertBook
-from trialwatch.engine.retention import PINNED_MAX, fingerprint_int
+from trialwatch.engine.retention import fingerprint_int
 from trialwatch.engine.state import LabResult, SubjectState
 from trialwatch.protocol import AeGradeRule, BilirubinRule, CtcaeTerm, GradeCriterion, PlateletsRule, Protocol
 from trialwatch.units import ANALYTE_NAMES, DISPLAY_UNIT, plausible_reference_range, to_canonical
@@ -379,7 +380,7 @@ def evaluate(rule: LabRule, book: AlertBook, lab: Lab, changed: str, protocol: P
         if changed_breach is not None and changed not in rec.support and changed_result is not None:
             rec.support.append(changed)
             # Bounded: an alert open for years rests on its newest results.
-            del rec.support[:-PINNED_MAX]
+            del rec.support[: -retention.PINNED_MAX]
         if not rec.support or latest_id not in breaches:
             why = (
                 "the results it rested on were cancelled or corrected"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 from trialwatch.contract import Scan
+from trialwatch.engine import retention
 from trialwatch.engine.lifecycle import AlertBook
-from trialwatch.engine.retention import SCANS_KEPT
 from trialwatch.engine.state import ScanRecord, SubjectState, TimepointResponse
 from trialwatch.protocol import Protocol, RecistRule
 
@@ -48,7 +48,7 @@ def record_scan(state: SubjectState, scan: Scan) -> None:
         non_targets_gone=[les.lesion_id for les in non_targets if les.diameter_mm == 0],
         new_lesions=[les.lesion_id for les in scan.lesions if les.role == "new"],
     )
-    while len(state.scans) > SCANS_KEPT:
+    while len(state.scans) > retention.SCANS_KEPT:
         _forget_oldest_follow_up(state)
 
 

@@ -128,10 +128,10 @@ def compact_series(state: SubjectState, analyte: str, pins: Iterable[Pins]) -> N
     series.results = kept
 
 
-def newest(results: Iterable[LabResult], limit: int = PINNED_MAX) -> list[str]:
-    """Ids of the newest `limit` of `results` (given in clinical-time order)."""
+def newest(results: Iterable[LabResult]) -> list[str]:
+    """Ids of the newest PINNED_MAX of `results` (given in clinical-time order)."""
     ids = [r.result_id for r in results]
-    return ids[-limit:]
+    return ids[-PINNED_MAX:]
 
 
 def compact_adverse_events(state: SubjectState, pinned: set[str], counted: set[str]) -> None:
