@@ -227,3 +227,38 @@ class TestReplayNeverDiesOnOneLine:
             (int(m.group(1)), m.group(2)) for line in err if (m := BAD_LINE.match(line))
         ]
         assert ["TW-002"] == [json.loads(line)["subject_id"] for line in out]
+
+
+LAYOUTS = {
+    "compact": lambda v: json.dumps({"topic": "trial.labs.v1", "value": v}, separators=(",", ":")),
+    "value-first": lambda v: json.dumps({"value": v, "topic": "trial.labs.v1"}),
+    "spaced": lambda v: '  {"topic": "trial.labs.v1", "value": ' + json.dumps(v, indent=1).replace("\n", " ") + "}  ",
+}
+
+
+class TestLineLayouts:
+    """Replay validates a seed-style line's value text as sent; other layouts have it written again.
+    Both must judge events as the worker would, whatever the line's spacing or key order."""
+
+    @pytest.mark.parametrize("layout", sorted(LAYOUTS))
+    def test_every_layout_gives_what_the_seed_layout_gives(
+        self, capsys: pytest.CaptureFixture[str], make: EventFactory, tmp_path: Path, layout: str
+    ) -> None:
+        values = [
+            make.body("lab", value=20.0, day=1),
+            {**make.body("lab", day=2), "value": "20"},  # a string where a number belongs
+            {**make.body("lab", day=3), "note": 'caf\u00e9 "q"', "value": 160.0},  # resolves
+            {**make.body("lab", day=4), "value": 15.0, "unit": "g/L"},  # a unit that does not fit
+        ]
+        enrol = make.line("enrollment", arm="sbrt")
+
+        def run(lines: list[str]) -> tuple[list[str], list[str]]:
+            _, out, err = replay(capsys, write(tmp_path, [enrol, *lines]))
+            return out, err
+
+        seed = run([json.dumps({"topic": "trial.labs.v1", "value": v}) for v in values])
+        other = run([LAYOUTS[layout](v) for v in values])
+
+        assert ["wrong_type", "unit_mismatch"] == [m.group(2) for line in seed[1] if (m := BAD_LINE.match(line))]
+        assert [20.0, 160.0] == [json.loads(line)["evidence"]["value"] for line in seed[0]]
+        assert seed == other
