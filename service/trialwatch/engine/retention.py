@@ -35,24 +35,25 @@ from datetime import timedelta
 
 from trialwatch.engine.state import AdverseEventReport, Episode, LabResult, SubjectState, TreatmentEvent
 
-# Event ids remembered per subject (8-byte fingerprints, 4 kB): months of a
+# Event ids remembered per subject (8-byte fingerprints, 2 kB): months of a
 # subject's events at trial visit rates; Kafka's own re-delivery after a
-# crash is the records since the last commit (seconds).
-SEEN_EVENT_IDS = 512
+# crash is the records since the last commit (seconds). Past it, an event
+# that is still the current version of what it describes is recognised too.
+SEEN_EVENT_IDS = 256
 FINGERPRINT_BYTES = 8
 # Per analyte: the newest RESULTS_KEPT always, and every result within
 # RESULTS_RECENT_DAYS of the newest up to RESULTS_MAX, plus the pinned ones.
-RESULTS_KEPT = 16
+RESULTS_KEPT = 12
 RESULTS_RECENT_DAYS = 30
 RESULTS_MAX = 64
 # Forgetting runs when a series' length reaches a multiple of this (past
 # RESULTS_KEPT): a series holds at most this many results above its bound,
 # and the cost of deciding is paid once per that many results.
-COMPACT_EVERY = 8
+COMPACT_EVERY = 4
 # A rule pins at most this many results of one analyte.
 PINNED_MAX = 32
 # Adverse events without an open alert and not counted: the newest kept.
-ADVERSE_EVENTS_KEPT = 64
+ADVERSE_EVENTS_KEPT = 32
 # Counted adverse events kept (more only increments counted_forgotten).
 COUNTED_KEPT = 64
 # Treatment events of one kind: the earliest kept (the rules read the first ones).
