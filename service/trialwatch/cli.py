@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -20,6 +20,7 @@ from trialwatch.contract import ALERTS, ALERTS_MASKED, AlertMessage, mask
 from trialwatch.engine import Engine
 from trialwatch.protocol import load_protocol
 from trialwatch.replay import BadLine, Replay, read_event_file
+from trialwatch.replay_parallel import replay_parallel
 from trialwatch.settings import Settings
 
 if TYPE_CHECKING:
@@ -42,32 +43,55 @@ def _open(path: str) -> TextIO:
     return sys.stdin if path == "-" else Path(path).open(encoding="utf-8")
 
 
+# Below this many lines a parallel replay costs more in start-up than it saves.
+PARALLEL_REPLAY_MIN_LINES = 10_000
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
-    settings = Settings()
-    engine = Engine(load_protocol(args.protocol or settings.protocol_file))
+    protocol_file = args.protocol or Settings().protocol_file
+
+    def make_engine() -> Engine:
+        return Engine(load_protocol(protocol_file))
+
+    def render(alert: AlertMessage) -> str | None:
+        shown: BaseModel | None = mask(alert) if args.masked else alert
+        return None if shown is None else shown.model_dump_json()
+
+    with _open(args.file) as f:
+        lines: Iterable[str] = f
+        jobs = args.jobs or min(4, os.cpu_count() or 1)
+        if jobs > 1:
+            lines = f.readlines()
+            auto = args.jobs is None and len(lines) < PARALLEL_REPLAY_MIN_LINES
+            result = None if auto else replay_parallel(lines, make_engine, jobs, args.as_of, render)
+            if result is not None:
+                sys.stdout.writelines(text + "\n" for text in result[0])
+                sys.stderr.writelines(text + "\n" for text in result[1])
+                return 0
+        _replay_sequential(lines, make_engine(), args.as_of, render)
+    return 0
+
+
+def _replay_sequential(
+    lines: Iterable[str], engine: Engine, as_of: datetime | None, render: Callable[[AlertMessage], str | None]
+) -> None:
     replay = Replay(engine)
-    bad = 0
-    out = sys.stdout
 
     def emit(alerts: Sequence[AlertMessage]) -> None:
         for alert in alerts:
-            shown: BaseModel | None = mask(alert) if args.masked else alert
-            if shown is not None:
-                out.write(shown.model_dump_json() + "\n")
+            if (text := render(alert)) is not None:
+                sys.stdout.write(text + "\n")
 
-    with _open(args.file) as f:
-        for line_no, item in read_event_file(f):
-            if isinstance(item, BadLine):
-                bad += 1
-                print(f"line {line_no}: {item.reason}: {item.detail}", file=sys.stderr)
-                continue
-            emit(replay.apply(item))
-            for error in replay.take_errors():
-                print(f"line {line_no}: {error}", file=sys.stderr)
-    emit(replay.finish(args.as_of))
+    for line_no, item in read_event_file(lines):
+        if isinstance(item, BadLine):
+            print(f"line {line_no}: {item.reason}: {item.detail}", file=sys.stderr)
+            continue
+        emit(replay.apply(item))
+        for error in replay.take_errors():
+            print(f"line {line_no}: {error}", file=sys.stderr)
+    emit(replay.finish(as_of))
     for error in replay.take_errors():
         print(f"as of the end: {error}", file=sys.stderr)
-    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -327,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", type=_as_of, help="advance the event-time clock to this time at the end")
     p.add_argument("--masked", action="store_true", help="print the masked (blinded) stream")
     p.add_argument("--protocol", type=Path, help="protocol file (default: seeds/protocol-v1.toml)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        choices=range(1, 65),
+        metavar="N",
+        help="processes, subjects split between them, same output (default: the CPUs, up to 4, "
+        f"for files of {PARALLEL_REPLAY_MIN_LINES:,} lines or more)",
+    )
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("publish", help="validate an event file and send its valid lines to Kafka")

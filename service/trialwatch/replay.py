@@ -11,7 +11,7 @@ from datetime import datetime
 from trialwatch.contract import MAX_INPUT_BYTES, MODEL_BY_TOPIC, AlertMessage, InputEvent
 from trialwatch.decode import DuplicateKey, Rejection, decode, loads_unique
 from trialwatch.engine import Engine, SubjectState, Tick
-from trialwatch.engine.toxicity import ArmMonitor, ArmState, can_change_fact, changed_fact, subject_fact
+from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState, can_change_fact, changed_fact, subject_fact
 from trialwatch.failures import where
 
 # A line is the envelope around one input value: the value's limit plus room for the envelope.
@@ -28,36 +28,32 @@ class BadLine:
 def read_event_file(lines: Iterable[str]) -> Iterator[tuple[int, InputEvent | BadLine]]:
     """Each line `{"topic": ..., "value": {...}}` as a validated event, or why it is not one."""
     for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if len(line) > MAX_LINE_CHARS:
-            yield (
-                line_no,
-                BadLine(line_no, "too_large", f"line has {len(line):,} characters; at most {MAX_LINE_CHARS:,}"),
-            )
-            continue
-        try:
-            # A key repeated in the value is refused live (decode), so here too,
-            # in the one parse of the line, before a dict would merge it.
-            envelope = loads_unique(line)
-        except DuplicateKey as exc:
-            yield line_no, BadLine(line_no, "duplicate_key", f"the key {exc.key[:64]!r} appears twice in one object")
-            continue
-        except ValueError as exc:
-            yield line_no, BadLine(line_no, "not_json", f"line is not JSON: {exc}")
-            continue
-        except RecursionError:
-            yield line_no, BadLine(line_no, "not_json", "line is not JSON this reader accepts: nested too deeply")
-            continue
-        if not isinstance(envelope, dict) or not isinstance(envelope.get("topic"), str) or "value" not in envelope:
-            yield line_no, BadLine(line_no, "not_an_object", 'a line must be {"topic": "...", "value": {...}}')
-            continue
-        # Its keys were checked for repeats in the parse above.
-        result = decode(envelope["topic"], _value_bytes(line, envelope), keys_checked=True)
-        if isinstance(result, Rejection):
-            yield line_no, BadLine(line_no, result.reason, result.detail)
-        else:
-            yield line_no, result
+        item = read_line(line_no, line)
+        if item is not None:
+            yield line_no, item
+
+
+def read_line(line_no: int, line: str) -> InputEvent | BadLine | None:
+    """One line of an event file as a validated event, or why it is not one; None for a blank line."""
+    if not line.strip():
+        return None
+    if len(line) > MAX_LINE_CHARS:
+        return BadLine(line_no, "too_large", f"line has {len(line):,} characters; at most {MAX_LINE_CHARS:,}")
+    try:
+        # A key repeated in the value is refused live (decode), so here too,
+        # in the one parse of the line, before a dict would merge it.
+        envelope = loads_unique(line)
+    except DuplicateKey as exc:
+        return BadLine(line_no, "duplicate_key", f"the key {exc.key[:64]!r} appears twice in one object")
+    except ValueError as exc:
+        return BadLine(line_no, "not_json", f"line is not JSON: {exc}")
+    except RecursionError:
+        return BadLine(line_no, "not_json", "line is not JSON this reader accepts: nested too deeply")
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("topic"), str) or "value" not in envelope:
+        return BadLine(line_no, "not_an_object", 'a line must be {"topic": "...", "value": {...}}')
+    # Its keys were checked for repeats in the parse above.
+    result = decode(envelope["topic"], _value_bytes(line, envelope), keys_checked=True)
+    return BadLine(line_no, result.reason, result.detail) if isinstance(result, Rejection) else result
 
 
 def _value_bytes(line: str, envelope: dict[str, object]) -> bytes:
@@ -87,14 +83,15 @@ class Replay:
     service's timer would have fired them on the wall clock.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, arm_monitor: bool = True) -> None:
         self.engine = engine
         self.states: dict[str, SubjectState] = {}
         self.clock: datetime | None = None
         # (deadline, subject) min-heap; entries whose deadline moved are skipped.
         self._deadlines: list[tuple[datetime, str]] = []
-        # The arm-level monitor runs after the subject engine, as its agent does live.
-        self.arm_monitor = ArmMonitor(engine.protocol)
+        # The arm-level monitor runs after the subject engine, as its agent does
+        # live; a shard of a parallel replay leaves it to its parent (`Step.fact`).
+        self.arm_monitor = ArmMonitor(engine.protocol) if arm_monitor else None
         self.arms: dict[str, ArmState] = {}
         # Internal errors since the caller last took them (see take_errors).
         self.errors: list[str] = []
@@ -107,9 +104,11 @@ class Replay:
         errors, self.errors = self.errors, []
         return errors
 
-    def _advance(self, at: datetime) -> list[AlertMessage]:
-        """Fire every deadline due at or before `at`, earliest first, each at its own time."""
-        out: list[AlertMessage] = []
+    def fire_due(self, at: datetime) -> Iterator[tuple[datetime, str, list[AlertMessage]]]:
+        """Fire every deadline due at or before `at`, earliest first (then by subject), each at its own time.
+
+        Yields (deadline, subject, alerts) per tick fired; a tick's errors are in `self.errors` when it is yielded.
+        """
         while self._deadlines and self._deadlines[0][0] <= at:
             deadline, sid = heapq.heappop(self._deadlines)
             state = self.states[sid]
@@ -119,14 +118,18 @@ class Replay:
                 state, alerts = self.engine.apply(state, Tick(sid, deadline), self._now(deadline))
             except Exception as exc:  # noqa: BLE001 - the worker's policy: report, drop the deadline, go on
                 self._failed(exc, "deadline evaluation")
+                yield deadline, sid, []
                 continue
             if state.next_deadline_at == deadline:
                 # A tick at a deadline decides it; if not, report it rather than loop.
                 self.errors.append(f"processing_error: deadline {deadline.isoformat()} not decided by its tick")
+                yield deadline, sid, []
                 continue
             self._store(sid, state)
-            out.extend(alerts)
-        return out
+            yield deadline, sid, alerts
+
+    def _advance(self, at: datetime) -> list[AlertMessage]:
+        return [alert for _, _, alerts in self.fire_due(at) for alert in alerts]
 
     def _store(self, sid: str, state: SubjectState) -> None:
         self.states[sid] = state
@@ -138,8 +141,12 @@ class Replay:
             self.clock = at
         return self.clock
 
-    def apply(self, event: InputEvent) -> list[AlertMessage]:
-        out = self._advance(event.occurred_at)
+    def pass_by(self, at: datetime) -> None:
+        """Another shard's event at `at` (parallel replay): the clock moves as if it were applied here."""
+        self._now(at)
+
+    def apply_event(self, event: InputEvent) -> tuple[list[AlertMessage], tuple[ArmFact, datetime] | None]:
+        """The event itself, after the deadlines due before it fired: its alerts and its arm fact, if new."""
         now = self._now(event.occurred_at)
         previous = self.states.get(event.subject_id)
         facts = can_change_fact(event)
@@ -151,17 +158,26 @@ class Replay:
             # keeps what the engine left: a failure mid-rule (a bug) may leave
             # this subject's state half-updated. Reported either way.
             self._failed(exc, "rule evaluation")
-            return out
+            return [], None
         self._store(event.subject_id, state)
-        out += alerts
         fact = changed_fact(before, subject_fact(state, self.engine.protocol, event.event_id)) if facts else None
-        if fact is not None:
-            try:
-                self.arms[fact.arm], arm_alerts = self.arm_monitor.apply(self.arms.get(fact.arm), fact, now)
-            except Exception as exc:  # noqa: BLE001 - the worker's policy for an arm fact
-                self._failed(exc, "the arm-level monitor")
-                return out
-            out += arm_alerts
+        return alerts, (fact, now) if fact is not None else None
+
+    def apply_fact(self, fact: ArmFact, now: datetime, monitor: ArmMonitor) -> list[AlertMessage]:
+        """One subject's arm fact through the arm-level monitor."""
+        try:
+            self.arms[fact.arm], alerts = monitor.apply(self.arms.get(fact.arm), fact, now)
+        except Exception as exc:  # noqa: BLE001 - the worker's policy for an arm fact
+            self._failed(exc, "the arm-level monitor")
+            return []
+        return alerts
+
+    def apply(self, event: InputEvent) -> list[AlertMessage]:
+        out = self._advance(event.occurred_at)
+        alerts, fact = self.apply_event(event)
+        out += alerts
+        if fact is not None and self.arm_monitor is not None:
+            out += self.apply_fact(*fact, self.arm_monitor)
         return out
 
     def finish(self, as_of: datetime | None) -> list[AlertMessage]:
