@@ -22,6 +22,7 @@ parallel run is abandoned and the file replayed sequentially.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import re
 import zlib
@@ -156,8 +157,12 @@ def _replay_shard(
 def _shard_main(
     conn: Connection, make_engine: Callable[[], Engine], lines: list[str], shard: int, shards: int, render: Render
 ) -> None:
+    # What the shard inherited and the events it validated live to its end:
+    # kept out of the collector's way (each full collection walked them all).
+    gc.freeze()
     tagged = Tagged()
     events, consistent = _validate(lines, shard, shards, tagged)
+    gc.freeze()
     conn.send((_to_timeline([(n, e.occurred_at) for n, e in events.items()]), consistent))
     request: tuple[Timeline, datetime | None] | None = conn.recv()
     if request is None:

@@ -88,6 +88,7 @@ class BilirubinHigh:
         return {"bands": [{"above_uln": float(b.above_uln), "severity": b.severity} for b in self.bands]}
 
 
+_ONE = Decimal(1)
 _OPS = {"<": Decimal.__lt__, ">": Decimal.__gt__, ">=": Decimal.__ge__}
 
 
@@ -105,14 +106,15 @@ class CtcaeGrade3Plus:
         """The CTCAE grade of `result` and the criterion that gave it; None when normal."""
         abnormal = baseline is not None and baseline.value > baseline.uln
         criteria = self.term.abnormal_baseline if abnormal and self.term.abnormal_baseline else self.term.grades
+        references = {
+            "abs": _ONE,
+            "lln": result.lln,
+            "uln": result.uln,
+            "bl": baseline.value if baseline is not None else None,
+        }
         best: tuple[int, GradeCriterion] | None = None
         for criterion in criteria:
-            reference = {
-                "abs": Decimal(1),
-                "lln": result.lln,
-                "uln": result.uln,
-                "bl": baseline.value if baseline is not None else None,
-            }[criterion.of]
+            reference = references[criterion.of]
             if reference is None:
                 continue
             if _OPS[criterion.op](result.value, criterion.times * reference) and (
