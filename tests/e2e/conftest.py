@@ -19,17 +19,21 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.structs import RecordMetadata, TopicPartition
 
 from trialwatch.alert_feed import reader
 from trialwatch.dsmb.notify import DELIVERY_HEADER, KIND_HEADER, SIGNATURE_HEADER, verify
 from trialwatch.kafka_admin import ensure_topics
 from trialwatch.settings import Settings
+from trialwatch.units import CANONICAL_UNIT
 
 TRIALWATCH = str(Path(sys.executable).with_name("trialwatch"))
 
@@ -149,13 +153,54 @@ async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
     await prod.stop()
 
 
+def _record(line: dict[str, Any]) -> tuple[str, bytes, bytes | None]:
+    """(topic, value, key) of an event-file line: the value as JSON unless already bytes, keyed by subject_id."""
+    value = line["value"]
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    key = line.get("key", value.get("subject_id") if isinstance(value, dict) else None)
+    return line["topic"], raw, key.encode() if isinstance(key, str) else key
+
+
 async def publish(producer: AIOKafkaProducer, lines: list[dict[str, Any]]) -> None:
     """Send event-file lines keyed by subject_id, in order."""
     for line in lines:
-        value = line["value"]
-        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
-        key = line.get("key", value.get("subject_id") if isinstance(value, dict) else None)
-        await producer.send_and_wait(line["topic"], raw, key=key.encode() if isinstance(key, str) else key)
+        topic, raw, key = _record(line)
+        await producer.send_and_wait(topic, raw, key=key)
+
+
+async def publish_batch(producer: AIOKafkaProducer, lines: list[dict[str, Any]]) -> list[RecordMetadata]:
+    """As `publish`, without a round trip per record: all sent, then every acknowledgement awaited.
+
+    The fixture's producer is idempotent, so each partition keeps the order of `lines`.
+    """
+    sent = []
+    for line in lines:
+        topic, raw, key = _record(line)
+        sent.append(await producer.send(topic, raw, key=key))
+    return list(await asyncio.gather(*sent))
+
+
+async def forget(bootstrap: str, sent: list[RecordMetadata], topics: list[str]) -> None:
+    """Delete the records `sent` but the last of each partition, with every record before them, and the `topics`.
+
+    Every test's worker is a new consumer group that reads the input topics
+    from the beginning: records a test publishes by the thousand would
+    otherwise be processed again by the worker of every later test first.
+    One record is kept: in a partition with none left, a new group commits
+    nothing, which `wait_consumed` and the worker's stall watchdog would take
+    for records not yet processed.
+    """
+    ends: dict[TopicPartition, int] = {}
+    for meta in sent:
+        tp = TopicPartition(meta.topic, meta.partition)
+        ends[tp] = max(ends.get(tp, 0), meta.offset)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(offset) for tp, offset in ends.items()})
+        await admin.delete_topics(topics)
+    finally:
+        await admin.close()
 
 
 async def wait_consumed(bootstrap: str, group: str, topic: str, timeout_s: float = 30.0) -> None:
@@ -164,9 +209,6 @@ async def wait_consumed(bootstrap: str, group: str, topic: str, timeout_s: float
     Kafka orders records within a partition, not across topics: a test that
     needs one topic's events processed before another's waits for this.
     """
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.structs import TopicPartition
-
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await admin.start()
@@ -230,7 +272,7 @@ async def read_topic(
 def lab(
     subject: str, event_id: str, value: float, *, at: str, analyte: str = "platelets", **extra: Any
 ) -> dict[str, Any]:
-    unit = {"platelets": "10*9/L", "total_bilirubin": "umol/L"}[analyte]
+    unit = CANONICAL_UNIT[analyte]
     return {
         "topic": "trial.labs.v1",
         "value": {
@@ -259,6 +301,20 @@ def enrollment(subject: str, arm: str, *, at: str = "2025-03-01T08:00:00+08:00")
             "age_years": 61,
             "kps": 90,
             "child_pugh_score": 6,
+        },
+    }
+
+
+def second_line_start(subject: str, at: datetime) -> dict[str, Any]:
+    return {
+        "topic": "trial.treatment.v1",
+        "value": {
+            "event_id": f"{subject}-2L",
+            "subject_id": subject,
+            "site_id": "SITE-E2E",
+            "occurred_at": at.isoformat(),
+            "kind": "second_line_start",
+            "regimen": "lenvatinib",
         },
     }
 

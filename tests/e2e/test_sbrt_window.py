@@ -13,23 +13,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from tests.e2e.conftest import enrollment, publish, read_topic
+from tests.e2e.conftest import enrollment, publish, read_topic, second_line_start
 
 pytestmark = pytest.mark.e2e
-
-
-def second_line_start(subject: str, at: datetime) -> dict[str, Any]:
-    return {
-        "topic": "trial.treatment.v1",
-        "value": {
-            "event_id": f"{subject}-2L",
-            "subject_id": subject,
-            "site_id": "SITE-E2E",
-            "occurred_at": at.isoformat(),
-            "kind": "second_line_start",
-            "regimen": "lenvatinib",
-        },
-    }
 
 
 def start_whose_window_closes_in(seconds: float) -> tuple[datetime, datetime]:
