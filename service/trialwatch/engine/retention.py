@@ -45,7 +45,7 @@ FINGERPRINT_BYTES = 8
 # RESULTS_RECENT_DAYS of the newest up to RESULTS_MAX, plus the pinned ones.
 RESULTS_KEPT = 12
 RESULTS_RECENT_DAYS = 30
-RESULTS_MAX = 64
+RESULTS_MAX = 32
 # Forgetting runs when a series' length reaches a multiple of this (past
 # RESULTS_KEPT): a series holds at most this many results above its bound,
 # and the cost of deciding is paid once per that many results.
