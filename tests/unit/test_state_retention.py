@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.unit.conftest import CST
 from trialwatch.contract import ADVERSE_EVENTS, ENROLLMENT, LABS, TREATMENT, AlertMessage, InputEvent
 from trialwatch.decode import Rejection, decode
 from trialwatch.engine import Engine, Tick, retention
 from trialwatch.engine.state import FORMAT_1, decode_header, decode_state, encode_state
+from trialwatch.metrics import Metrics
 from trialwatch.protocol import Protocol
 from trialwatch.replay import Replay
 from trialwatch.units import PLAUSIBLE
@@ -381,3 +383,27 @@ def test_a_format_0_state_is_bounded_before_its_next_event(protocol: Protocol) -
     pinned = sum(len(list(pin(state, analyte))) for pin in Engine(protocol).lab_pins)
     assert len(state.labs[analyte].results) <= retention.RESULTS_MAX + pinned < 400 / 4
     assert len(encode_state(state)) < len(legacy) / 5
+
+
+async def test_a_worker_meeting_format_0_records_continues_them_and_writes_format_1(protocol: Protocol) -> None:
+    """The rolling upgrade through the worker shell: the table holds old records, the worker keeps going."""
+    from tests.unit.test_worker import FakeProducer
+    from trialwatch.contract import ALERTS
+    from trialwatch.worker import Record, SubjectWorker
+
+    sent, expected = [], []
+    for case in (c for c in _cases() if c["alerts"]):
+        producer = FakeProducer()
+        worker = SubjectWorker(Engine(protocol), Metrics(CollectorRegistry()), producer.send)
+        key = case["subject_id"].encode()
+        states = {key: case["state"].encode()}
+        for offset, item in enumerate(case["events"]):
+            await worker.handle(Record(item["topic"], 0, offset, key, json.dumps(item["value"]).encode()), states)
+        assert states[key].startswith(FORMAT_1)
+        sent += [json.loads(v) for topic, _, v in producer.sent if topic == ALERTS]
+        # (A tick's alerts come from the wall clock here, not from the case's tick: left out.)
+        expected += [a for a in case["alerts"] if a["rule"] not in ("sbrt.window.at_risk", "sbrt.window.missed")]
+
+    fields = ("alert_id", "revision", "status", "rule", "severity", "evidence")
+    assert [tuple(a[f] for f in fields) for a in sent] == [tuple(a[f] for f in fields) for a in expected]
+    assert len(sent) >= 20
