@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from trialwatch.contract import TOPIC_BY_MODEL
 from trialwatch.decode import Rejection, decode
-from trialwatch.replay import BadLine, read_event_file
+from trialwatch.event_file import BadLine, read_event_file
 from trialwatch.settings import Settings
 
 T = TypeVar("T")
