@@ -25,6 +25,7 @@ from trialwatch.engine.state import decode_header
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
 from trialwatch.settings import Settings
+from trialwatch.ticking import TickPolicy
 from trialwatch.watchdog import find_stalls
 from trialwatch.worker import Record, SubjectWorker, tick_payload
 
@@ -149,10 +150,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         return max(own, committed)
 
     ticks = app.topic(settings.ticks_topic, **_RAW)
-    # (deadline, monotonic time sent) per subject key: one tick per deadline,
-    # re-sent only if the first seems lost.
-    sent: dict[bytes, tuple[Any, float]] = {}
-    resend_after_s = 30.0
+    tick_policy = TickPolicy(max_defer_s=settings.tick_max_defer_s)
+
+    def treatment_behind(partition: int) -> bool:
+        tp = TopicPartition(TREATMENT, partition)
+        highwater = app.consumer.highwater(tp)
+        return highwater is not None and highwater > processed_upto(tp)
 
     @app.timer(interval=settings.tick_interval_s)  # type: ignore[untyped-decorator]
     async def deadline_ticker() -> None:
@@ -161,19 +164,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         owned = {tp.partition for tp in app.consumer.assignment() if tp.topic in INPUT_TOPICS}
         metrics.pending_deadlines.set(worker.deadlines.pending(owned))
         now = datetime.now(UTC)
-        for partition, key, deadline in worker.deadlines.due(owned, now):
-            tp = TopicPartition(TREATMENT, partition)
-            highwater = app.consumer.highwater(tp)
-            behind = highwater is not None and highwater > processed_upto(tp)
-            if behind and (now - deadline).total_seconds() < settings.tick_max_defer_s:
-                continue  # judge the deadline on the complete treatment history
-            previous = sent.get(key)
-            if previous is not None and previous[0] == deadline and time.monotonic() - previous[1] < resend_after_s:
-                continue
+        due = worker.deadlines.due(owned, now)
+        for partition, key, deadline in tick_policy.select(due, now, time.monotonic(), treatment_behind):
             # The tick goes to the partition the subject's state lives in,
             # whatever partitioner the publisher used.
             await ticks.send(key=key, value=tick_payload(key.decode(), deadline), partition=partition)
-            sent[key] = (deadline, time.monotonic())
+            tick_policy.ticked(key, deadline, time.monotonic())
             metrics.ticks_sent.inc()
 
     tried: dict[Any, tuple[int, int]] = {}
