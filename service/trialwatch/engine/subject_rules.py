@@ -8,6 +8,7 @@ topics, no order between them) leads to the same decision.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -38,29 +39,9 @@ def _rild_window(state: SubjectState, protocol: Protocol) -> tuple[TreatmentEven
     return first, first.at + timedelta(days=protocol.rules.rild.window_days)
 
 
-def rild_pins(protocol: Protocol) -> Pins:
-    """What `rild.suspected` reads: the criteria analytes' results in the window after the first fraction."""
-    analytes = {c.analyte for c in protocol.rules.rild.criteria}
-
-    def pins(state: SubjectState, analyte: str) -> list[str]:
-        window = _rild_window(state, protocol) if analyte in analytes else None
-        if window is None:
-            return []
-        return newest(_in_window(state, analyte, window[0].at, window[1]))
-
-    return pins
-
-
-def rild_reads(state: SubjectState, protocol: Protocol, times: list[datetime]) -> bool:
-    """Whether a criterion analyte's result at one of `times` (its new and former clinical time) is in the window."""
+def _rild_span(state: SubjectState, protocol: Protocol) -> tuple[datetime, datetime] | None:
     window = _rild_window(state, protocol)
-    return window is not None and any(window[0].at <= at <= window[1] for at in times)
-
-
-def eligibility_reads(state: SubjectState, protocol: Protocol, times: list[datetime]) -> bool:
-    """Whether a screening analyte's result at one of `times` is in the screening window."""
-    window = _screening_window(state, protocol)
-    return window is not None and any(window[0] <= at <= window[1] for at in times)
+    return (window[0].at, window[1]) if window is not None else None
 
 
 def _screening_window(state: SubjectState, protocol: Protocol) -> tuple[datetime, datetime] | None:
@@ -69,17 +50,41 @@ def _screening_window(state: SubjectState, protocol: Protocol) -> tuple[datetime
     return state.enrolled_at - timedelta(days=protocol.rules.eligibility.screening_window_days), state.enrolled_at
 
 
-def eligibility_pins(protocol: Protocol) -> Pins:
-    """What `eligibility.violation` reads: the screening labs' results in the window before enrolment."""
-    analytes = {lab.analyte for lab in protocol.rules.eligibility.labs}
+Span = Callable[[SubjectState], tuple[datetime, datetime] | None]
 
+
+def _window_pins(analytes: frozenset[str], span: Span) -> Pins:
     def pins(state: SubjectState, analyte: str) -> list[str]:
-        window = _screening_window(state, protocol) if analyte in analytes else None
-        if window is None:
-            return []
-        return newest(_in_window(state, analyte, *window))
+        window = span(state) if analyte in analytes else None
+        return newest(_in_window(state, analyte, *window)) if window is not None else []
 
     return pins
+
+
+def _in_span(window: tuple[datetime, datetime] | None, times: list[datetime]) -> bool:
+    return window is not None and any(window[0] <= at <= window[1] for at in times)
+
+
+def rild_pins(protocol: Protocol) -> Pins:
+    """What `rild.suspected` reads: the criteria analytes' results in the window after the first fraction."""
+    analytes = frozenset(c.analyte for c in protocol.rules.rild.criteria)
+    return _window_pins(analytes, lambda state: _rild_span(state, protocol))
+
+
+def rild_reads(state: SubjectState, protocol: Protocol, times: list[datetime]) -> bool:
+    """Whether a criterion analyte's result at one of `times` (its new and former clinical time) is in the window."""
+    return _in_span(_rild_span(state, protocol), times)
+
+
+def eligibility_pins(protocol: Protocol) -> Pins:
+    """What `eligibility.violation` reads: the screening labs' results in the window before enrolment."""
+    analytes = frozenset(lab.analyte for lab in protocol.rules.eligibility.labs)
+    return _window_pins(analytes, lambda state: _screening_window(state, protocol))
+
+
+def eligibility_reads(state: SubjectState, protocol: Protocol, times: list[datetime]) -> bool:
+    """Whether a screening analyte's result at one of `times` is in the screening window."""
+    return _in_span(_screening_window(state, protocol), times)
 
 
 def _num(value: Decimal) -> float:
