@@ -24,15 +24,16 @@ class Replay:
     service's timer would have fired them on the wall clock.
     """
 
-    def __init__(self, engine: Engine, *, arm_monitor: bool = True) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.states: dict[str, SubjectState] = {}
         self.clock: datetime | None = None
         # (deadline, subject) min-heap; entries whose deadline moved are skipped.
         self._deadlines: list[tuple[datetime, str]] = []
         # The arm-level monitor runs after the subject engine, as its agent does
-        # live; a shard of a parallel replay leaves it to its parent (`Step.fact`).
-        self.arm_monitor = ArmMonitor(engine.protocol) if arm_monitor else None
+        # live (`apply`); a parallel replay's shards return the facts from
+        # `apply_event` and their parent runs them through `apply_fact`.
+        self.arm_monitor = ArmMonitor(engine.protocol)
         self.arms: dict[str, ArmState] = {}
         # Internal errors since the caller last took them (see take_errors).
         self.errors: list[str] = []
@@ -104,10 +105,10 @@ class Replay:
         fact = changed_fact(before, subject_fact(state, self.engine.protocol, event.event_id)) if facts else None
         return alerts, (fact, now) if fact is not None else None
 
-    def apply_fact(self, fact: ArmFact, now: datetime, monitor: ArmMonitor) -> list[AlertMessage]:
+    def apply_fact(self, fact: ArmFact, now: datetime) -> list[AlertMessage]:
         """One subject's arm fact through the arm-level monitor."""
         try:
-            self.arms[fact.arm], alerts = monitor.apply(self.arms.get(fact.arm), fact, now)
+            self.arms[fact.arm], alerts = self.arm_monitor.apply(self.arms.get(fact.arm), fact, now)
         except Exception as exc:  # noqa: BLE001 - the worker's policy for an arm fact
             self._failed(exc, "the arm-level monitor")
             return []
@@ -117,8 +118,8 @@ class Replay:
         out = self._advance(event.occurred_at)
         alerts, fact = self.apply_event(event)
         out += alerts
-        if fact is not None and self.arm_monitor is not None:
-            out += self.apply_fact(*fact, self.arm_monitor)
+        if fact is not None:
+            out += self.apply_fact(*fact)
         return out
 
     def finish(self, as_of: datetime | None) -> list[AlertMessage]:

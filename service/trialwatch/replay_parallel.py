@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 
 from trialwatch.contract import AlertMessage, InputEvent
 from trialwatch.engine import Engine
-from trialwatch.engine.toxicity import ArmFact, ArmMonitor
+from trialwatch.engine.toxicity import ArmFact
 from trialwatch.replay import BadLine, Replay, read_line
 
 _SUBJECT_AS_WRITTEN = '"subject_id": "'
@@ -105,6 +105,18 @@ class Tagged:
     err: list[tuple[Key, str]] = field(default_factory=list)
     facts: list[tuple[int, ArmFact, datetime]] = field(default_factory=list)
 
+    def add(
+        self,
+        at: tuple[int, int, datetime | None, str],
+        alerts: list[AlertMessage],
+        errors: list[str],
+        label: str,
+        render: Render,
+    ) -> None:
+        """Alerts and errors produced at one place of the sequential output (`at`: a Key without its count)."""
+        self.out += [((*at, i), text) for i, a in enumerate(alerts) if (text := render(a)) is not None]
+        self.err += [((*at, i), f"{label}: {e}") for i, e in enumerate(errors)]
+
 
 def _validate(lines: list[str], shard: int, shards: int, tagged: Tagged) -> tuple[dict[int, InputEvent], bool]:
     """Phase 1: this shard's lines validated; whether every one was its subject's."""
@@ -134,9 +146,12 @@ def _replay_shard(
 
     def ticks(line_no: int, at: datetime, label: str) -> None:
         for deadline, sid, alerts in replay.fire_due(at):
-            key: Key = (line_no, 1, deadline, sid, 0)
-            tagged.out += [((*key[:4], i), text) for i, a in enumerate(alerts) if (text := render(a)) is not None]
-            tagged.err += [((*key[:4], i), f"{label}: {e}") for i, e in enumerate(replay.take_errors())]
+            tagged.out += [
+                ((line_no, 1, deadline, sid, i), t) for i, a in enumerate(alerts) if (t := render(a)) is not None
+            ]
+            tagged.err += [
+                ((line_no, 1, deadline, sid, i), f"{label}: {e}") for i, e in enumerate(replay.take_errors())
+            ]
 
     for line_no, at in _from_timeline(timeline, events):
         ticks(line_no, at, f"line {line_no}")
@@ -145,8 +160,7 @@ def _replay_shard(
             replay.pass_by(at)
             continue
         alerts, fact = replay.apply_event(event)
-        tagged.out += [((line_no, 2, None, "", i), t) for i, a in enumerate(alerts) if (t := render(a)) is not None]
-        tagged.err += [((line_no, 2, None, "", i), f"line {line_no}: {e}") for i, e in enumerate(replay.take_errors())]
+        tagged.add((line_no, 2, None, ""), alerts, replay.take_errors(), f"line {line_no}", render)
         if fact is not None:
             tagged.facts.append((line_no, *fact))
     if as_of is not None:
@@ -168,8 +182,7 @@ def _shard_main(
     if request is None:
         return
     timeline, as_of = request
-    replay = Replay(make_engine(), arm_monitor=False)
-    _replay_shard(replay, events, timeline, as_of, len(lines) + 1, render, tagged)
+    _replay_shard(Replay(make_engine()), events, timeline, as_of, len(lines) + 1, render, tagged)
     conn.send(tagged)
 
 
@@ -209,15 +222,15 @@ def _merge_timelines(parts: list[Timeline]) -> Timeline:
 
 def _merge(shards: list[Tagged], make_engine: Callable[[], Engine], render: Render) -> tuple[list[str], list[str]]:
     """The shards' output in sequential order, with the arm-level monitor run over their facts in file order."""
-    out = [item for tagged in shards for item in tagged.out]
-    err = [item for tagged in shards for item in tagged.err]
-    engine = make_engine()
-    monitor, arms = ArmMonitor(engine.protocol), Replay(engine, arm_monitor=False)
+    merged = Tagged(
+        out=[item for tagged in shards for item in tagged.out],
+        err=[item for tagged in shards for item in tagged.err],
+    )
+    arms = Replay(make_engine())
     for line_no, fact, now in sorted((f for tagged in shards for f in tagged.facts), key=lambda f: f[0]):
-        alerts = arms.apply_fact(fact, now, monitor)
-        out += [((line_no, 3, None, "", i), t) for i, a in enumerate(alerts) if (t := render(a)) is not None]
-        err += [((line_no, 3, None, "", i), f"line {line_no}: {e}") for i, e in enumerate(arms.take_errors())]
-    return [text for _, text in sorted(out, key=_order)], [text for _, text in sorted(err, key=_order)]
+        alerts = arms.apply_fact(fact, now)
+        merged.add((line_no, 3, None, ""), alerts, arms.take_errors(), f"line {line_no}", render)
+    return [text for _, text in sorted(merged.out, key=_order)], [text for _, text in sorted(merged.err, key=_order)]
 
 
 def _order(item: tuple[Key, str]) -> tuple[int, int, datetime | int, str, int]:
