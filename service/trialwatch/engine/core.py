@@ -107,20 +107,18 @@ class Engine:
             report = adverse_events.record_report(state, event)
             adverse_events.evaluate_grade(book, event, report, self.protocol)
             adverse_events.evaluate_serious(book, event, report, self.protocol)
-            retention.compact_adverse_events(
-                state,
-                adverse_events.pinned_reports(state),
-                toxicity.pinned_reports(state, self.protocol),
-            )
+            self._compact_adverse_events(state)
         return state, book.messages
 
     def bound(self, state: SubjectState) -> None:
         """Apply the retention bounds to the whole state (one read in an older format)."""
         for analyte in list(state.labs):
             retention.compact_series(state, analyte, self.lab_pins)
-        retention.compact_adverse_events(
-            state, adverse_events.pinned_reports(state), toxicity.pinned_reports(state, self.protocol)
-        )
+        self._compact_adverse_events(state)
+
+    def _compact_adverse_events(self, state: SubjectState) -> None:
+        pinned = adverse_events.pinned_reports(state)
+        retention.compact_adverse_events(state, pinned, toxicity.pinned_reports(state, self.protocol))
 
     def _apply_lab(self, book: AlertBook, lab: Lab) -> None:
         state = book.state
@@ -141,13 +139,13 @@ class Engine:
             state, self.protocol, times
         ):
             subject_rules.evaluate_eligibility(book, self.protocol)
-        retention.compact_series(book.state, lab.analyte, self.lab_pins)
+        retention.compact_series(state, lab.analyte, self.lab_pins)
 
     def _evaluate_treatment(self, book: AlertBook, horizon: datetime, occurred_at: datetime) -> None:
         """The rules over the treatment history and the clock (window, deviations)."""
-        treatment.evaluate_window(book, self.protocol, horizon, occurred_at)
+        # The next deadline depends on the window's alerts only, not on the deviations'.
+        self._evaluate_clock(book, horizon, occurred_at)
         treatment.evaluate_deviations(book, self.protocol)
-        book.state.next_deadline_at = treatment.next_deadline(book.state, self.protocol)
 
     def _evaluate_clock(self, book: AlertBook, horizon: datetime, occurred_at: datetime) -> None:
         """A tick: the only rules the clock alone can change (the SBRT window)."""

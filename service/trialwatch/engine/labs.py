@@ -164,7 +164,8 @@ def lab_rules(protocol: Protocol) -> list[LabRule]:
 # cancelled baseline falls back to the one before), every result an open
 # alert rests on, and the closed episodes of each rule and analyte.
 BASELINE_PINNED = 3
-REMEMBERS_EPISODES = frozenset({PlateletsLow.rule, BilirubinHigh.rule, CtcaeGrade3Plus.rule})
+LAB_RULES = frozenset({PlateletsLow.rule, BilirubinHigh.rule, CtcaeGrade3Plus.rule})
+REMEMBERS_EPISODES = LAB_RULES
 
 
 def _before(results: list[LabResult], at: datetime) -> int:
@@ -172,33 +173,27 @@ def _before(results: list[LabResult], at: datetime) -> int:
     return bisect.bisect_right(results, at, key=lambda r: r.at)
 
 
-def _first_start(state: SubjectState) -> datetime | None:
+def _up_to_start(state: SubjectState, analyte: str) -> tuple[list[LabResult], int]:
+    """The analyte's results, and how many lie at or before the first second-line start (0 before one is known)."""
     starts = state.second_line_starts
-    return min(s.at for s in starts) if starts else None
+    series = state.labs.get(analyte)
+    if series is None:
+        return [], 0
+    return series.results, _before(series.results, min(s.at for s in starts)) if starts else 0
 
 
 def baseline_of(state: SubjectState, analyte: str) -> LabResult | None:
     """The analyte's last result at or before the second-line start (None before a start is known)."""
-    start = _first_start(state)
-    series = state.labs.get(analyte)
-    if start is None or series is None:
-        return None
-    n = _before(series.results, start)
-    return series.results[n - 1] if n else None
+    results, n = _up_to_start(state, analyte)
+    return results[n - 1] if n else None
 
 
 def pinned_results(state: SubjectState, analyte: str) -> list[str]:
     """Results of `analyte` the lab rules still need: the baseline candidates and open alerts' support."""
-    series = state.labs.get(analyte)
-    if series is None:
-        return []
-    pinned: list[str] = []
-    start = _first_start(state)
-    if start is not None:
-        n = _before(series.results, start)
-        pinned += [r.result_id for r in series.results[max(0, n - BASELINE_PINNED) : n]]
+    results, n = _up_to_start(state, analyte)
+    pinned = [r.result_id for r in results[max(0, n - BASELINE_PINNED) : n]]
     for rec in state.alerts.values():
-        if rec.key == analyte and rec.status == "firing" and rec.rule in REMEMBERS_EPISODES:
+        if rec.key == analyte and rec.status == "firing" and rec.rule in LAB_RULES:
             pinned += rec.support
     return pinned
 
@@ -260,13 +255,9 @@ def record_result(state: SubjectState, lab: Lab, protocol: Protocol, previous: L
     # not wait for the site to fix its range.
     low, high, site_range = _site_range(lab.analyte, lab.ref_low, lab.ref_high, lab.unit)
     uln = high if high is not None else default.high
-    origin: Any = (
-        "site"
-        if high is not None
-        else "protocol_default"
-        if site_range
-        else ("protocol_default_implausible_site_range")
-    )
+    origin: Any = "site"
+    if high is None:
+        origin = "protocol_default" if site_range else "protocol_default_implausible_site_range"
     lln = low if low is not None else default.low
     superseded = [*previous.superseded, fingerprint_int(previous.event_id)][-8:] if previous is not None else []
     result = LabResult(

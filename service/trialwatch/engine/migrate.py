@@ -110,5 +110,6 @@ def _remember_ids(state: SubjectState, ids: list[str]) -> None:
     seq_of.update((scan.event_id, scan.seq) for scan in state.scans.values())
     for name in _TREATMENT_LISTS:
         seq_of.update((item.event_id, item.seq) for item in getattr(state, name))
-    for event_id in sorted(ids, key=lambda i: (seq_of.get(i, -1), i)):
+    newest = sorted(ids, key=lambda i: (seq_of.get(i, -1), i))[-retention.SEEN_EVENT_IDS :]
+    for event_id in newest:
         retention.remember(state, event_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -243,8 +243,3 @@ def decode_header(data: bytes) -> StateHeader:
     if data[:1] == FORMAT_1:
         return _header_decoder.decode(data[1 : data.index(b"\n")])
     return header_of(decode_state(data))
-
-
-def to_builtins(value: Any) -> Any:
-    """A state or part of one as plain JSON-able values (for tests and tools)."""
-    return msgspec.to_builtins(value)

@@ -1,8 +1,10 @@
 """Subject-level lab rules over a time window: `rild.suspected` and `eligibility.violation`.
 
-Both are evaluated from the subject's whole state after every event, so a
-lab that arrives before or after the enrolment or the first fraction (other
-topics, no order between them) leads to the same decision.
+Both are decided from the subject's state (the results their windows pin),
+re-evaluated whenever an event can change them: a lab in their window, the
+enrolment, a fraction. A lab that arrives before or after the enrolment or
+the first fraction (other topics, no order between them) leads to the same
+decision.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from trialwatch.contract import AdverseEvent, AlertMessage, Arm, Enrollment
 from trialwatch.engine.lifecycle import alert_id, bounded
-from trialwatch.engine.state import SubjectState
+from trialwatch.engine.state import AdverseEventReport, SubjectState
 from trialwatch.protocol import Protocol, ToxicityBoundaryRule
 
 RULE = "dsmb.toxicity_boundary"
@@ -58,18 +58,19 @@ def can_change_fact(event: object) -> bool:
 def subject_fact(state: SubjectState, protocol: Protocol, event_id: str) -> ArmFact | None:
     if state.arm is None:
         return None
-    counted = state.counted_forgotten > 0 or bool(pinned_reports(state, protocol))
+    spec = protocol.rules.toxicity_boundary
+    counted = state.counted_forgotten > 0 or any(_counts(ae, spec) for ae in state.adverse_events.values())
     return ArmFact(state.subject_id, str(state.arm), counted, event_id)
+
+
+def _counts(ae: AdverseEventReport, spec: ToxicityBoundaryRule) -> bool:
+    return ae.grade >= spec.min_grade and ae.attribution in spec.related_attributions
 
 
 def pinned_reports(state: SubjectState, protocol: Protocol) -> set[str]:
     """What the monitor reads of the past: the AEs that count (treatment-related, grade >= min_grade)."""
     spec = protocol.rules.toxicity_boundary
-    return {
-        key
-        for key, ae in state.adverse_events.items()
-        if ae.grade >= spec.min_grade and ae.attribution in spec.related_attributions
-    }
+    return {key for key, ae in state.adverse_events.items() if _counts(ae, spec)}
 
 
 def changed_fact(before: ArmFact | None, after: ArmFact | None) -> ArmFact | None:
