@@ -64,27 +64,26 @@ unit: install
 schemas: install
 	$(BIN)/trialwatch schemas
 
+# $(call with_bench_broker,KAFKA_ENV,COMMAND): COMMAND with KAFKA_BOOTSTRAP_SERVERS set, to
+# yours if you set it, else to a broker started with KAFKA_ENV and stopped after.
+with_bench_broker = user_broker=$${KAFKA_BOOTSTRAP_SERVERS:-}; \
+	$(1) $(KAFKA) start || exit 1; \
+	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(1) $(KAFKA) bootstrap)}; \
+	$(2); status=$$?; \
+	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(1) $(KAFKA) stop; fi; \
+	exit $$status
+
 # Throughput figures (not a test): a fresh broker of its own, a generated
 # cohort, the raw aiokafka ceiling and one worker. BENCH_SUBJECTS=1000 by default.
 bench: install
-	@user_broker=$${KAFKA_BOOTSTRAP_SERVERS:-}; \
-	$(BENCH_KAFKA_ENV) $(KAFKA) start || exit 1; \
-	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(BENCH_KAFKA_ENV) $(KAFKA) bootstrap)}; \
-	$(BIN)/python benchmarks/throughput.py --subjects $${BENCH_SUBJECTS:-1000}; status=$$?; \
-	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(BENCH_KAFKA_ENV) $(KAFKA) stop; fi; \
-	exit $$status
+	@$(call with_bench_broker,$(BENCH_KAFKA_ENV),$(BIN)/python benchmarks/throughput.py --subjects $${BENCH_SUBJECTS:-1000})
 
 # Per-event cost and subject-state size as one subject's history grows, the
 # recovery of a partition of 1,000 subjects of 2,000 events (in-process, then
 # through a worker on a fresh broker of its own) and the replay rate of the
 # 1,000-subject seed cohort (issue 11).
 bench-state: install
-	@user_broker=$${KAFKA_BOOTSTRAP_SERVERS:-}; \
-	$(BENCH_STATE_KAFKA_ENV) $(KAFKA) start || exit 1; \
-	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(BENCH_STATE_KAFKA_ENV) $(KAFKA) bootstrap)}; \
-	$(BIN)/python benchmarks/state_growth.py; status=$$?; \
-	if [ -z "$$user_broker" ]; then env -u KAFKA_BOOTSTRAP_SERVERS $(BENCH_STATE_KAFKA_ENV) $(KAFKA) stop; fi; \
-	exit $$status
+	@$(call with_bench_broker,$(BENCH_STATE_KAFKA_ENV),$(BIN)/python benchmarks/state_growth.py)
 
 # The whole fuzz suite (not a test target: minutes, not seconds). Every surface
 # (decode → engine → worker shell, HL7, FHIR, MLLP, DSMB API) at FUZZ_INPUTS
