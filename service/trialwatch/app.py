@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import faust
 import structlog
 from aiokafka.structs import TopicPartition
+from faust.streams import _current_event
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -22,12 +24,14 @@ from trialwatch.dsmb.notify import Receiver
 from trialwatch.dsmb.service import DsmbFeed, Notifier, unacknowledged_gauges
 from trialwatch.engine import Engine
 from trialwatch.engine.state import decode_header
+from trialwatch.faust_fixes import hold_commits_at_unacknowledged_records
 from trialwatch.metrics import Metrics
 from trialwatch.protocol import load_protocol
+from trialwatch.records import Record, tick_payload
 from trialwatch.settings import Settings
 from trialwatch.ticking import TickPolicy
-from trialwatch.watchdog import find_stalls
-from trialwatch.worker import Record, SubjectWorker, tick_payload
+from trialwatch.watchdog import SkipDetector, find_stalls
+from trialwatch.worker import SubjectWorker
 
 log = structlog.get_logger("trialwatch.app")
 
@@ -36,30 +40,96 @@ log = structlog.get_logger("trialwatch.app")
 _RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 
 
+def _exit_for_reprocessing(records: list[Record]) -> None:
+    """An exception escaping a Faust agent acks its records and stops the agent while the worker looks healthy.
+
+    Records would be committed unprocessed. Exit at once instead, so the
+    offsets stay uncommitted and a restart re-processes the records.
+    """
+    first = records[0] if records else None
+    log.critical(
+        "unrecoverable error; exiting so the records are re-processed",
+        topic=first.topic if first else None,
+        partition=first.partition if first else None,
+        offset=first.offset if first else None,
+        records=len(records),
+        exc_info=True,
+    )
+    os._exit(70)
+
+
+def _record(event: Any) -> Record:
+    msg = event.message
+    return Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, msg.timestamp)
+
+
 async def _drive(stream: faust.StreamT[bytes], handle: Callable[[Record], Awaitable[None]]) -> None:
     """Hand each record of an agent's stream to `handle`, one at a time, to completion."""
     async for event in stream.events():
-        msg = event.message
-        record = Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, msg.timestamp)
+        record = _record(event)
         try:
             await handle(record)
-        except BaseException:
-            # An exception escaping a Faust agent acks the record and stops
-            # the agent while the worker looks healthy: records would be
-            # committed unprocessed. Exit at once instead, so the offset stays
-            # uncommitted and a restart re-processes the record.
-            log.critical(
-                "unrecoverable error; exiting so the record is re-processed",
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-                exc_info=True,
-            )
-            os._exit(70)
+        except BaseException:  # noqa: BLE001 - logged there, and the process exits
+            _exit_for_reprocessing([record])
+
+
+class TableStates:
+    """The subjects table as the worker's state store: reads, and writes to an explicit partition.
+
+    Faust's `table[key] = value` takes the partition from the stream's current
+    event; in a batch the current event is some other record's. A write here
+    goes to the partition given (the subject's, which its records came from),
+    in the store (RocksDB picks its per-partition database from the current
+    event, so that is set to one of the partition's records) and in the
+    changelog, and returns the changelog send: the worker awaits Kafka's
+    acknowledgement before the batch's offsets may be committed.
+    """
+
+    def __init__(self, table: Any, events_by_partition: dict[int, Any]) -> None:
+        self.table = table
+        self.events = events_by_partition
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self.table.get(key)
+        return value
+
+    def put(self, partition: int, key: bytes, value: bytes) -> Any:
+        token = _current_event.set(weakref.ref(self.events[partition]))
+        try:
+            self.table.data[key] = value
+        finally:
+            _current_event.reset(token)
+        return self.table.send_changelog(partition, key, value)
+
+
+async def _drive_batches(
+    stream: faust.StreamT[bytes],
+    settings: Settings,
+    handle: Callable[[list[Record], TableStates], Awaitable[None]],
+    table: Any,
+    after: Callable[[list[Record]], Awaitable[None]],
+) -> None:
+    """Take records in batches; each batch handled to completion, then acked (so Faust may commit it).
+
+    `after` sees each batch once it is acked (to re-read records the consumer skipped).
+    """
+    # noack_take (not take): take acks each record as it enters the buffer,
+    # before the batch is processed; here nothing is acked until it is done.
+    batches = stream.noack_take(settings.batch_max_records, within=settings.batch_wait_s)  # type: ignore[attr-defined]
+    async for events in batches:
+        records = [_record(event) for event in events]
+        try:
+            await handle(records, TableStates(table, {event.message.partition: event for event in events}))
+        except BaseException:  # noqa: BLE001 - logged there, and the process exits
+            _exit_for_reprocessing(records)
+        for event in events:
+            await stream.ack(event)
+        await after(records)
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
     """Wire the service: settings, protocol, engine, metrics, Faust app, agent and web pages."""
+    hold_commits_at_unacknowledged_records()
     reg = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(reg)
     engine = Engine(load_protocol(settings.protocol_file))
@@ -75,6 +145,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # published before the first worker started is still checked.
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        broker_commit_interval=settings.commit_interval_s,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.session_timeout_s / 10,
         web_bind=settings.web_bind,
@@ -136,7 +207,23 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.agent(inputs, name="trialwatch.subjects")
     async def subjects_agent(stream: faust.StreamT[bytes]) -> None:
-        await _drive(stream, lambda record: worker.handle(record, subjects))
+        await _drive_batches(stream, settings, worker.handle_batch, subjects, reread_skipped)
+
+    skips = SkipDetector()
+
+    async def reread_skipped(records: list[Record]) -> None:
+        coordinates = [(r.topic, r.partition, r.offset) for r in records]
+        for skip in skips.check(app.consumer_generation_id, coordinates):
+            # Commits stay at the skipped record (faust_fixes) until it is processed.
+            log.warning(
+                "records skipped by the consumer; re-reading them",
+                topic=skip.topic,
+                partition=skip.partition,
+                first=skip.first,
+                next_seen=skip.next_seen,
+            )
+            metrics.stalls_recovered.labels(skip.topic).inc()
+            await app.consumer.seek(TopicPartition(skip.topic, skip.partition), skip.first)
 
     def processed_upto(tp: Any) -> int:
         """Next offset of `tp` to process: the further of this worker's own count and the group's commit.

@@ -63,8 +63,14 @@ class Metrics:
         )
         self.processing_seconds = Histogram(
             "trialwatch_event_processing_duration_seconds",
-            "Time to decode, evaluate and publish the results of one input record",
+            "Time to decode and evaluate one input record (its share of its batch; delivery is per batch)",
             buckets=_PROCESSING_BUCKETS,
+            registry=registry,
+        )
+        self.batch_records = Histogram(
+            "trialwatch_batch_records",
+            "Input records per batch the worker processed (delivered and saved together)",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
             registry=registry,
         )
         self.event_to_alert_seconds = Histogram(
@@ -81,7 +87,8 @@ class Metrics:
         )
         self.stalls_recovered = Counter(
             "trialwatch_stalled_partitions_recovered_total",
-            "Input partitions found with unprocessed records while the worker was idle, and re-read",
+            "Input partitions found with records the consumer dropped (skipped mid-partition, or left"
+            " unprocessed while the worker was idle), and re-read",
             ["topic"],
             registry=registry,
         )

@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     # committed offset are records nobody is processing; re-read them.
     stall_idle_s: Annotated[float, Field(gt=3.0)] = 10.0
     stall_check_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    # Batches (see worker.py): up to this many records are taken at once, or
+    # what arrived within batch_wait_s. A batch costs two Kafka round trips
+    # (outputs, then states) however many records it holds; the wait bounds
+    # the latency it adds.
+    batch_max_records: Annotated[int, Field(ge=1)] = 2000
+    batch_wait_s: Annotated[float, Field(gt=0)] = 0.005
+    # How often processed offsets are committed (Faust's broker_commit_interval).
+    # A crash re-processes at most this much (harmless: alert ids are
+    # deterministic and events de-duplicated), so it trades restart work only.
+    commit_interval_s: Annotated[float, Field(gt=0)] = 2.8
     # Back-off bounds when Kafka refuses an alert or dead-letter record. The
     # worker retries forever (stalling and growing lag, which pages operations)
     # rather than commit past an alert it could not deliver.

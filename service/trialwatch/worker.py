@@ -1,45 +1,31 @@
-"""The thin shell around the engine: decode, look up state, apply, publish, write state.
+"""The thin shell around the engine: a batch of records computed, delivered, its states written once.
 
-It knows nothing of Faust either: the Faust agent hands it records, a state
-mapping and a send function, so the same code runs under fakes in unit tests.
+It knows nothing of Faust either: the Faust agent hands it batches of records,
+a state store and a send function, so the same code runs under fakes in unit
+tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from trialwatch.contract import (
-    ALERTS,
-    ALERTS_MASKED,
-    DEAD_LETTER_EXCERPT_BYTES,
-    DEADLETTER,
-    AlertMessage,
-    DeadLetter,
-    mask,
-    reveals_arm,
-)
-from trialwatch.decode import Rejection, decode, excerpt
-from trialwatch.engine import Engine, SubjectState, Tick
+from trialwatch.contract import reveals_arm
+from trialwatch.decode import Rejection
+from trialwatch.engine import Engine
 from trialwatch.engine.state import StateHeader, header_of
-from trialwatch.engine.toxicity import (
-    ArmFact,
-    ArmMonitor,
-    ArmState,
-    can_change_fact,
-    changed_fact,
-    subject_fact,
-)
+from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState
 from trialwatch.failures import where
 from trialwatch.metrics import Metrics, alert_labels, site_label
+from trialwatch.records import Record, tick_payload
+from trialwatch.unit_of_work import Batch, MappingStates, Out, States, SubjectWork, UnitOfWork
+
+__all__ = ["MAX_STATE_BYTES", "DeadlineIndex", "OpenAlertIndex", "Record", "SubjectWorker", "tick_payload"]
 
 # send(topic, key, value) hands a record to the producer and returns an
 # awaitable that completes when Kafka has acknowledged it.
@@ -50,16 +36,6 @@ log = structlog.get_logger("trialwatch.worker")
 # A subject's state is one changelog record: it must stay under the broker's
 # default max.message.bytes (1,048,588) with room for the record's overhead.
 MAX_STATE_BYTES = 900_000
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_s: float | None = None
 
 
 class DeadlineIndex:
@@ -114,37 +90,16 @@ class OpenAlertIndex:
         return out
 
 
-def dead_letter_for(
-    record: Record, rejection: Rejection, rejected_at: datetime, *, redacted: bool = False
-) -> DeadLetter:
-    """The dead letter of a record: bounded whatever the record's size (its start, length and hash).
-
-    `redacted`: no key and no payload, only the length and hash (for records that must not be shown).
-    """
-    value = record.value or b""
-    payload, truncated = ("", bool(value)) if redacted else excerpt(value, DEAD_LETTER_EXCERPT_BYTES)
-    return DeadLetter(
-        reason=rejection.reason,
-        detail=rejection.detail,
-        errors=rejection.errors,
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=None if redacted else excerpt(record.key, 256)[0],
-        payload=payload or "",
-        payload_bytes=len(value),
-        payload_sha256=hashlib.sha256(value).hexdigest(),
-        payload_truncated=truncated,
-        event_id=rejection.event_id,
-        rejected_at=rejected_at,
-    )
-
-
-def tick_payload(subject_id: str, due_at: datetime) -> bytes:
-    return json.dumps({"subject_id": subject_id, "due_at": due_at.isoformat()}).encode()
-
-
 class SubjectWorker:
+    """Runs batches: compute (no I/O), deliver every output, write each touched state once.
+
+    The order is what makes at-least-once hold: alerts, arm facts and dead
+    letters are acknowledged by Kafka before any state derived from them is
+    written, and both before the caller may let the batch's offsets be
+    committed. A crash anywhere in between re-processes the records and
+    re-sends the same (alert_id, revision), never loses one.
+    """
+
     def __init__(
         self,
         engine: Engine,
@@ -174,251 +129,186 @@ class SubjectWorker:
         # Next offset to process per (topic, partition): with the high-water
         # mark, how far behind this worker is.
         self.next_offset: dict[tuple[str, int], int] = {}
-        # For the stall watchdog: is a record being handled, and since when is
+        # For the stall watchdog: is a batch being handled, and since when is
         # the agent idle.
         self.busy = False
         self.last_activity = time.monotonic()
-        # Parsed states by subject key, with the exact bytes object they were
-        # saved as: while the table still holds that very object, parsing it
-        # again (a third of the per-event cost) gives the same state. After a
-        # recovery or a rebalance the table holds other objects: parsed anew.
-        self._parsed: dict[bytes, tuple[bytes, SubjectState]] = {}
+        self.work = UnitOfWork(engine, clock, ticks_topic=ticks_topic, arm_facts_topic=arm_facts_topic, parsed={})
 
-    def _load(self, key: bytes, states: MutableMapping[bytes, bytes]) -> SubjectState | None:
-        """The subject's state, owned by the caller until `_save`.
+    async def handle(self, record: Record, states: States | MutableMapping[bytes, bytes]) -> None:
+        """One record as a batch of one."""
+        await self.handle_batch([record], states)
 
-        The engine updates states in place, so the cached one is taken out
-        here and put back only by `_save`: an event that never reaches its
-        save (an error, an exit) leaves the saved bytes as the only truth.
+    async def handle_batch(self, records: list[Record], states: States | MutableMapping[bytes, bytes]) -> None:
+        """Process records to completion: on return, everything they lead to is acknowledged by Kafka.
+
+        The caller must not let their offsets be committed before this returns.
         """
-        cached = self._parsed.pop(key, None)
-        raw = states.get(key)
-        if raw is None:
-            return None
-        if cached is not None and cached[0] is raw:
-            return cached[1]
-        return SubjectState.from_bytes(raw)
-
-    async def handle(self, record: Record, states: MutableMapping[bytes, bytes]) -> None:
-        """Process one input record to completion: its alerts are acknowledged by Kafka on return.
-
-        The caller must not let its offset be committed before this returns;
-        Faust acks the record when the agent asks for the next one.
-        """
+        store = states if hasattr(states, "put") else MappingStates(states)
         self.busy = True
         try:
-            await self._handle(record, states)
-            self.next_offset[(record.topic, record.partition)] = record.offset + 1
-            if record.timestamp_s is not None:
-                self.last_timestamp[(record.topic, record.partition)] = record.timestamp_s
+            started = time.perf_counter()
+            batch = self.work.compute(records, store)
+            saves = self._serialise(batch)
+            computed = time.perf_counter() - started
+            await self._deliver_all(batch.sends)
+            await self._save_all(saves, store)
+            self._account(batch, records, computed)
         finally:
             self.busy = False
             self.last_activity = time.monotonic()
 
-    async def _handle(self, record: Record, states: MutableMapping[bytes, bytes]) -> None:
-        started = time.perf_counter()
-        topic = record.topic
-        bound = log.bind(topic=topic, partition=record.partition, offset=record.offset)
-        if topic == self.ticks_topic:
-            await self._handle_tick(record, states, bound)
-            return
-        self.metrics.events_consumed.labels(topic).inc()
-        event = decode(topic, record.value or b"")
-        if isinstance(event, Rejection):
-            await self._dead_letter(record, event, bound)
-            return
-        # Publishers often build event ids from the subject code: log the id
-        # with that code masked, so logs never name a subject.
-        bound = bound.bind(event_id=event.event_id.replace(event.subject_id, "…"))
-        self.metrics.site_last_event.labels(site_label(event.site_id, self.known_sites)).set(time.time())
-        if record.key != event.subject_id.encode():
-            # A subject's events must all land on its partition, or its state
-            # would split between workers and rules would see half the story.
-            await self._dead_letter(
-                record,
-                Rejection(
-                    "key_mismatch",
-                    "the record key must be the event's subject_id (UTF-8); it is not",
-                    [],
-                    event.event_id,
-                ),
-                bound,
-            )
-            return
-        try:
-            state = self._load(record.key, states)
-            facts = can_change_fact(event)
-            before = subject_fact(state, self.engine.protocol, "") if facts and state is not None else None
-            state, alerts = self.engine.apply(state, event, self.clock())
-            after = subject_fact(state, self.engine.protocol, event.event_id) if facts else None
-            raw = state.to_bytes()
-        except Exception as exc:  # noqa: BLE001 - a bug must dead-letter the event, not kill the worker
-            await self._processing_failed(record, exc, "rule evaluation", event.event_id, bound)
-            return
-        fact = changed_fact(before, after)
-        if fact is not None:
-            await self._publish_arm_fact(fact)
-        if alerts:
-            await self._publish_alerts(alerts, bound)
-            if record.timestamp_s is not None and not all(reveals_arm(a.rule) for a in alerts):
-                self.metrics.event_to_alert_seconds.observe(max(0.0, time.time() - record.timestamp_s))
-        # The state is written after the alerts are acknowledged: a crash in
-        # between re-processes the event and re-sends the same (alert_id,
-        # revision), never loses it.
-        await self._save(record, state, raw, states, event.event_id, bound)
-        self.metrics.processing_seconds.observe(time.perf_counter() - started)
-
-    async def _handle_tick(self, record: Record, states: MutableMapping[bytes, bytes], bound: Any) -> None:
-        """The wall clock passed a subject's deadline: let the engine decide what is due now."""
-        try:
-            subject_id = json.loads(record.value or b"")["subject_id"]
-            if not record.key or not isinstance(subject_id, str) or record.key != subject_id.encode():
-                raise ValueError("not a tick of this record's subject")
-            state = self._load(record.key, states)
-            if state is None:
-                return
-            now = self.clock()
-            state, alerts = self.engine.apply(state, Tick(subject_id, now), now)
-            raw = state.to_bytes()
-        except Exception as exc:  # noqa: BLE001 - one policy for every input kind (see _processing_failed)
-            # The engine is deterministic: ticking again would fail again. The
-            # deadline stays in the state (a restart or the subject's next
-            # event re-indexes it); the index stops re-sending it meanwhile.
-            if record.key:
-                self.deadlines.update(record.partition, record.key, None)
-            await self._processing_failed(record, exc, "deadline evaluation", None, bound)
-            return
-        if alerts:
-            await self._publish_alerts(alerts, bound)
-        await self._save(record, state, raw, states, None, bound)
-
-    async def _save(
-        self,
-        record: Record,
-        state: SubjectState,
-        raw: bytes,
-        states: MutableMapping[bytes, bytes],
-        event_id: str | None,
-        bound: Any,
-    ) -> None:
-        """Write the subject's state and keep the in-memory indexes of it in step.
+    def _serialise(self, batch: Batch) -> list[tuple[SubjectWork, bytes]]:
+        """Each touched subject's state as it will be written.
 
         A state too large for a changelog record is not written: Kafka would
         refuse it in Faust's background producer and crash the worker on the
-        same record forever. The alerts of the record are out already; the
-        record is dead-lettered (processing_error, paged) and the subject
-        stays at its last saved state.
+        same record forever. The subject's last record is dead-lettered
+        (processing_error, paged) and the subject stays at its last saved
+        state; the alerts already computed still go out.
         """
-        assert record.key is not None
-        if len(raw) > MAX_STATE_BYTES:
-            error = ValueError(f"subject state of {len(raw):,} bytes is over {MAX_STATE_BYTES:,}: not saved")
-            await self._processing_failed(record, error, "saving the subject's state", event_id, bound)
+        out: list[tuple[SubjectWork, bytes]] = []
+        for work in batch.subjects.values():
+            if work.state is None or work.last is None:
+                continue
+            raw = work.state.to_bytes()
+            if len(raw) > MAX_STATE_BYTES:
+                error = ValueError(f"subject state of {len(raw):,} bytes is over {MAX_STATE_BYTES:,}: not saved")
+                self.work.failed(batch, work.last, error, "saving the subject's state", work.last_event_id)
+                continue
+            out.append((work, raw))
+        return out
+
+    async def _save_all(self, saves: list[tuple[SubjectWork, bytes]], store: States) -> None:
+        """Write each state once, to its subject's partition, and wait until Kafka has them all."""
+        await self._retry_until_acked(
+            saves, lambda item: store.put(item[0].partition, item[0].key, item[1]), lambda _: "changelog"
+        )
+        for work, raw in saves:
+            assert work.state is not None
+            self.work.parsed[work.key] = (raw, work.state)
+            self.index(work.partition, work.key, header_of(work.state))
+
+    def _account(self, batch: Batch, records: list[Record], computed_s: float) -> None:
+        """Metrics and log lines of a delivered batch, and how far each partition got."""
+        for record in records:
+            self.next_offset[(record.topic, record.partition)] = record.offset + 1
+            if record.timestamp_s is not None:
+                self.last_timestamp[(record.topic, record.partition)] = record.timestamp_s
+        for topic, n in batch.consumed.items():
+            self.metrics.events_consumed.labels(topic).inc(n)
+        now = time.time()
+        for site in batch.sites:
+            self.metrics.site_last_event.labels(site_label(site, self.known_sites)).set(now)
+        for failure in batch.failures:
+            self._log_failure(failure.record, failure.rejection, failure.error, failure.during)
+            if failure.record.topic == self.ticks_topic and failure.record.key:
+                # The engine is deterministic: ticking again would fail again.
+                # The deadline stays in the state (a restart or the subject's
+                # next event re-indexes it); the index stops re-sending it.
+                self.deadlines.update(failure.record.partition, failure.record.key, None)
+        for produced in batch.produced:
+            self._log_alert(produced.alert, produced.record)
+        for at in batch.alerted_at:
+            self.metrics.event_to_alert_seconds.observe(max(0.0, now - at))
+        if records:
+            self.metrics.batch_records.observe(len(records))
+            per_record = computed_s / len(records)
+            for _ in records:
+                self.metrics.processing_seconds.observe(per_record)
+
+    def _log_failure(self, record: Record, rejection: Rejection, error: Exception | None, during: str | None) -> None:
+        bound = log.bind(topic=record.topic, partition=record.partition, offset=record.offset)
+        if error is not None:
+            bound.error(
+                "internal error; record dead-lettered", error=type(error).__name__, where=where(error), during=during
+            )
+        # The detail names fields, never their values: it is safe to log.
+        bound.warning("input rejected", reason=rejection.reason, detail=rejection.detail)
+        self.metrics.events_rejected.labels(record.topic, rejection.reason).inc()
+
+    def _log_alert(self, alert: Any, record: Record) -> None:
+        self.metrics.alerts_produced.labels(*alert_labels(alert.rule, alert.severity, alert.status)).inc()
+        if reveals_arm(alert.rule):
+            # Logs and metrics are operations' view, and operations are
+            # blinded: which record raised an arm-revealing alert, or its
+            # severity, would tell the arm (a high alert on a lab is RILD).
+            # The DSMB stream is the record of these; no log line.
             return
-        states[record.key] = raw
-        self._parsed[record.key] = (raw, state)
-        self.index(record.partition, record.key, header_of(state))
+        # Alert ids are opaque hashes: safe to log, unlike subject codes.
+        log.info(
+            "alert produced",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            alert_id=alert.alert_id,
+            rule=alert.rule,
+            severity=alert.severity,
+            status=alert.status,
+            revision=alert.revision,
+        )
 
     def index(self, partition: int, key: bytes, header: StateHeader | None) -> None:
         """Deadlines and open alerts of one subject, from its state's header (also called during recovery)."""
         self.deadlines.update(partition, key, header.next_deadline_at if header is not None else None)
         self.open_alerts.update(partition, key, header.open_alerts if header is not None else {})
 
-    async def _publish_arm_fact(self, fact: ArmFact) -> None:
-        # Keyed by arm: every fact of an arm meets its counts in one agent.
-        if self.arm_facts_topic is not None:
-            await self._deliver_all([(self.arm_facts_topic, fact.arm.encode(), json.dumps(asdict(fact)).encode())])
-
     async def handle_arm_fact(self, record: Record, arms: MutableMapping[bytes, bytes]) -> None:
         """Fold one subject's fact into its arm's counts; publish a boundary alert when crossed."""
         self.busy = True
-        bound = log.bind(topic=record.topic, partition=record.partition, offset=record.offset)
+        batch = Batch()
+        state: ArmState | None = None
+        fact: ArmFact | None = None
         try:
             try:
                 fact = ArmFact.from_bytes(record.value or b"")
                 raw = arms.get(fact.arm.encode())
-                state = ArmState.from_bytes(raw) if raw is not None else None
-                state, alerts = self.arm_monitor.apply(state, fact, self.clock())
-            except Exception as exc:  # noqa: BLE001 - one policy for every input kind (see _processing_failed)
-                await self._processing_failed(record, exc, "the arm-level monitor", None, bound)
+                state, alerts = self.arm_monitor.apply(
+                    ArmState.from_bytes(raw) if raw is not None else None, fact, self.clock()
+                )
+            except Exception as exc:  # noqa: BLE001 - one policy for every input kind (see UnitOfWork.failed)
+                self.work.failed(batch, record, exc, "the arm-level monitor", None)
             else:
-                if alerts:
-                    await self._publish_alerts(alerts, bound)
+                self.work.alerts(batch, alerts, record)
+            await self._deliver_all(batch.sends)
+            if state is not None and fact is not None:
                 arms[fact.arm.encode()] = state.to_bytes()
-            self.next_offset[(record.topic, record.partition)] = record.offset + 1
+            self._account(batch, [record], 0.0)
         finally:
             self.busy = False
             self.last_activity = time.monotonic()
 
-    async def _publish_alerts(self, alerts: list[AlertMessage], bound: Any) -> None:
-        out: list[tuple[str, bytes, bytes]] = []
-        for alert in alerts:
-            key = alert.alert_id.encode()
-            out.append((ALERTS, key, alert.model_dump_json().encode()))
-            masked = mask(alert)
-            if masked is not None:
-                out.append((ALERTS_MASKED, key, masked.model_dump_json().encode()))
-        await self._deliver_all(out)
-        for alert in alerts:
-            self.metrics.alerts_produced.labels(*alert_labels(alert.rule, alert.severity, alert.status)).inc()
-            if reveals_arm(alert.rule):
-                # Logs and metrics are operations' view, and operations are
-                # blinded: which record raised an arm-revealing alert, or its
-                # severity, would tell the arm (a high alert on a lab is RILD).
-                # The DSMB stream is the record of these; no log line.
-                continue
-            # Alert ids are opaque hashes: safe to log, unlike subject codes.
-            bound.info(
-                "alert produced",
-                alert_id=alert.alert_id,
-                rule=alert.rule,
-                severity=alert.severity,
-                status=alert.status,
-                revision=alert.revision,
-            )
-
-    async def _processing_failed(
-        self, record: Record, exc: Exception, what: str, event_id: str | None, bound: Any
-    ) -> None:
-        """One policy for an internal error on any input kind (event, tick, arm fact).
-
-        The record is dead-lettered with its coordinates (nothing is lost: it
-        can be re-driven once the bug is fixed), counted under
-        `processing_error` (which pages operations), and the worker goes on:
-        exiting would re-read the same record after every restart. The state
-        is not saved, so the subject stays as it was before the record.
-        """
-        bound.error("internal error; record dead-lettered", error=type(exc).__name__, where=where(exc), during=what)
-        rejection = Rejection("processing_error", f"{type(exc).__name__} in {what}", [], event_id)
-        # Internal records tell the arm (only SBRT subjects have deadlines; an
-        # arm fact names its arm): their dead letter keeps the coordinates and
-        # the hash, not the key or the payload. The record stays on its topic.
-        internal = record.topic in (self.ticks_topic, self.arm_facts_topic)
-        await self._dead_letter(record, rejection, bound, redacted=internal)
-
-    async def _dead_letter(self, record: Record, rejection: Rejection, bound: Any, *, redacted: bool = False) -> None:
-        letter = dead_letter_for(record, rejection, self.clock(), redacted=redacted)
-        # The detail names fields, never their values: it is safe to log.
-        bound.warning("input rejected", reason=rejection.reason, detail=rejection.detail)
-        # A redacted letter's Kafka key is empty too: the key is what it hides.
-        key = b"" if redacted else record.key or b""
-        await self._deliver_all([(DEADLETTER, key, letter.model_dump_json().encode())])
-        self.metrics.events_rejected.labels(record.topic, rejection.reason).inc()
-
-    async def _deliver_all(self, records: list[tuple[str, bytes, bytes]]) -> None:
+    async def _deliver_all(self, records: list[Out]) -> None:
         """Send all, then wait for every acknowledgement; retry failures until Kafka takes them.
 
         Never gives up: an alert Kafka has not acknowledged must not have its
         input offset committed. A stalled worker shows as lag and pages
         operations; a dropped alert shows nowhere.
         """
-        pending = records
+
+        async def send(rec: Out) -> Any:
+            return await self.send(*rec)
+
+        await self._retry_until_acked(records, send, lambda rec: rec[0])
+
+    async def _retry_until_acked(
+        self, items: Iterable[Any], send: Callable[[Any], Any], topic_of: Callable[[Any], str]
+    ) -> None:
+        pending = list(items)
         delay = self.retry_initial_s
         while pending:
-            futures = [await self.send(topic, key, value) for topic, key, value in pending]
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            failed = [rec for rec, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
-            for topic, _, _ in failed:
-                self.metrics.send_retries.labels(topic).inc()
+            futures = []
+            for item in pending:
+                fut = send(item)
+                if asyncio.iscoroutine(fut):
+                    fut = await fut
+                futures.append(fut)
+            results = await asyncio.gather(*(f for f in futures if f is not None), return_exceptions=True)
+            waited = iter(results)
+            outcomes = [next(waited) if f is not None else None for f in futures]
+            failed = [item for item, res in zip(pending, outcomes, strict=True) if isinstance(res, BaseException)]
+            for item in failed:
+                self.metrics.send_retries.labels(topic_of(item)).inc()
             if failed:
                 log.warning("produce failed, retrying", count=len(failed), delay_s=delay)
                 await asyncio.sleep(delay)

@@ -444,3 +444,140 @@ class TestReviewFindings:
         assert "protocol.crossover" in [a["rule"] for a in producer.on(ALERTS)]
         out = capsys.readouterr()
         assert ("alert produced" in out.out + out.err, "crossover" in out.out + out.err) == (False, False)
+
+
+class GatedProducer(FakeProducer):
+    """Kafka that holds every acknowledgement until `release()`; what was sent is visible at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[asyncio.Future[Any]] = []
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[Any]:
+        self.sent.append((topic, key, value))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.held.append(fut)
+        return fut
+
+    def release(self) -> None:
+        for fut in self.held:
+            if not fut.done():
+                fut.set_result(None)
+
+
+class CountingStates:
+    """A state store that records each write (partition, key) and can refuse the first `fail_first`."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.writes: list[tuple[int, bytes]] = []
+        self.fail_first = fail_first
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+    def put(self, partition: int, key: bytes, value: bytes) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            fut.set_exception(ConnectionError("changelog write refused"))
+            return fut
+        self.writes.append((partition, key))
+        self.data[key] = value
+        fut.set_result(None)
+        return fut
+
+
+NOW = datetime(2025, 3, 2, 9, 30, tzinfo=UTC)
+
+
+def mixed_batch() -> list[Record]:
+    """Two subjects interleaved, on two partitions; S-1 gets a low count then a recovery, S-2 two low counts."""
+    rows = [
+        ("S-1", 0, "a1", 40),
+        ("S-2", 3, "b1", 45),
+        ("S-1", 0, "a2", 160),
+        ("S-2", 3, "b2", 20),
+        ("S-1", 0, "a3", 30),
+    ]
+    return [
+        Record(LABS, partition, offset, subject.encode(), lab(event_id, value, subject=subject))
+        for offset, (subject, partition, event_id, value) in enumerate(rows)
+    ]
+
+
+class TestBatches:
+    """Issue 12: a batch is computed, its outputs delivered, then each subject's state written once."""
+
+    async def test_a_batch_sends_and_saves_what_record_by_record_processing_would(self) -> None:
+        one_by_one, batched = FakeProducer(), FakeProducer()
+        sequential, worker = (
+            SubjectWorker(Engine(load_protocol()), Metrics(CollectorRegistry()), p.send, clock=lambda: NOW)
+            for p in (one_by_one, batched)
+        )
+        seq_states: dict[bytes, bytes] = {}
+        for rec in mixed_batch():
+            await sequential.handle(rec, seq_states)
+        store = CountingStates()
+
+        await worker.handle_batch(mixed_batch(), store)
+
+        assert one_by_one.sent == batched.sent
+        assert seq_states == store.data
+        assert len(batched.on(ALERTS)) >= 3, "the batch raises alerts for both subjects"
+
+    async def test_each_subject_is_written_once_to_its_own_partition(self) -> None:
+        worker, _ = make_worker(FakeProducer())
+        store = CountingStates()
+
+        await worker.handle_batch(mixed_batch(), store)
+
+        assert sorted(store.writes) == [(0, b"S-1"), (3, b"S-2")]
+
+    async def test_no_state_is_written_and_the_batch_not_done_before_kafka_has_every_output(self) -> None:
+        producer = GatedProducer()
+        worker, _ = make_worker(producer)
+        store = CountingStates()
+
+        task = asyncio.create_task(worker.handle_batch(mixed_batch(), store))
+        await asyncio.sleep(0.02)
+        assert producer.on(ALERTS), "the outputs were handed to the producer without waiting one by one"
+        assert ([], False) == (store.writes, task.done())
+
+        producer.release()
+        await asyncio.wait_for(task, 1)
+        assert {b"S-1", b"S-2"} == set(store.data)
+
+    async def test_a_refused_state_write_is_retried_before_the_batch_is_done(self) -> None:
+        worker, registry = make_worker(FakeProducer())
+        store = CountingStates(fail_first=1)
+
+        await worker.handle_batch(mixed_batch(), store)
+
+        assert {b"S-1", b"S-2"} == set(store.data)
+        assert registry.get_sample_value("trialwatch_send_retries_total", {"topic": "changelog"}) == 1.0
+
+    async def test_a_record_failing_mid_batch_leaves_the_records_before_and_after_it_applied(self) -> None:
+        engine = HalfwayFailingEngine()
+        producer = FakeProducer()
+        worker = SubjectWorker(engine, Metrics(CollectorRegistry()), producer.send)
+        store = CountingStates()
+        batch = [record(lab("e1", 160), offset=0), record(lab("e2", 20), offset=1), record(lab("e3", 30), offset=2)]
+        calls = {"n": 0}
+        real_apply = engine.apply
+
+        def fail_on_second(state: Any, event: Any, now: Any) -> Any:
+            calls["n"] += 1
+            engine.fail_next = getattr(event, "event_id", None) == "e2" and calls["n"] == 2
+            return real_apply(state, event, now)
+
+        engine.apply = fail_on_second  # type: ignore[method-assign]
+        await worker.handle_batch(batch, store)
+
+        assert [("processing_error", 1)] == [(d["reason"], d["offset"]) for d in producer.on(DEADLETTER)]
+        # e3 (30) alerted as a first low count: e2 (20) left no trace in the state.
+        [alert] = producer.on(ALERTS)
+        assert "e3" in json.dumps(alert["evidence"])
+        # Re-sent once the bug is gone, e2 is a new result, not a duplicate.
+        await worker.handle(record(lab("e2", 20), offset=3), store)
+        assert 2 == len(producer.on(ALERTS))
