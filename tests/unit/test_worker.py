@@ -581,3 +581,61 @@ class TestBatches:
         # Re-sent once the bug is gone, e2 is a new result, not a duplicate.
         await worker.handle(record(lab("e2", 20), offset=3), store)
         assert 2 == len(producer.on(ALERTS))
+
+
+class TestPipelinedBatches:
+    """The next batch is prepared while the previous one is still being delivered and saved."""
+
+    @staticmethod
+    def halves() -> tuple[list[Record], list[Record]]:
+        records = mixed_batch()
+        return records[:2], records[2:]
+
+    async def test_a_batch_prepared_before_the_previous_one_is_saved_starts_from_its_states(self) -> None:
+        sequential_producer = FakeProducer()
+        sequential = SubjectWorker(
+            Engine(load_protocol()), Metrics(CollectorRegistry()), sequential_producer.send, clock=lambda: NOW
+        )
+        expected: dict[bytes, bytes] = {}
+        await sequential.handle_batch(mixed_batch(), expected)
+        producer = GatedProducer()
+        worker = SubjectWorker(Engine(load_protocol()), Metrics(CollectorRegistry()), producer.send, clock=lambda: NOW)
+        store = CountingStates()
+        first, second = self.halves()
+
+        one = worker.prepare(first, store)
+        completing = asyncio.create_task(worker.complete(one, store))
+        await asyncio.sleep(0.01)
+        assert [] == store.writes, "the first batch is not saved yet"
+        two = worker.prepare(second, store)
+        producer.release()
+        await completing
+        done = asyncio.create_task(worker.complete(two, store))
+        await asyncio.sleep(0.01)
+        producer.release()
+        await done
+
+        assert sequential_producer.sent == producer.sent
+        assert expected == store.data
+        assert [(0, b"S-1"), (3, b"S-2"), (0, b"S-1"), (3, b"S-2")] == sorted(store.writes[:2]) + sorted(
+            store.writes[2:]
+        ), "each batch writes each of its subjects once, in batch order"
+
+    async def test_a_failing_record_in_the_next_batch_leaves_the_previous_batch_state(self) -> None:
+        engine = HalfwayFailingEngine()
+        producer = FakeProducer()
+        worker = SubjectWorker(engine, Metrics(CollectorRegistry()), producer.send)
+        store = CountingStates()
+
+        one = worker.prepare([record(lab("e1", 40), offset=0)], store)
+        engine.fail_next = True
+        two = worker.prepare([record(lab("e2", 20), offset=1)], store)
+        await worker.complete(one, store)
+        await worker.complete(two, store)
+        saved_after_one = store.data[b"S-1"]
+        await worker.handle_batch([record(lab("e3", 20), offset=2)], store)
+
+        assert [("processing_error", 1)] == [(d["reason"], d["offset"]) for d in producer.on(DEADLETTER)]
+        assert saved_after_one != store.data[b"S-1"]
+        # e1 opened the alert; e3 (the same grade e2 would have been) escalates it: e2 left no trace.
+        assert [(1, "high"), (2, "critical")] == [(a["revision"], a["severity"]) for a in producer.on(ALERTS)]
