@@ -31,7 +31,7 @@ from trialwatch.records import Record, tick_payload
 from trialwatch.settings import Settings
 from trialwatch.ticking import TickPolicy
 from trialwatch.watchdog import SkipDetector, find_stalls
-from trialwatch.worker import Prepared, SubjectWorker
+from trialwatch.worker import SubjectWorker
 
 log = structlog.get_logger("trialwatch.app")
 
@@ -105,52 +105,26 @@ class TableStates:
 async def _drive_batches(
     stream: faust.StreamT[bytes],
     settings: Settings,
-    worker: SubjectWorker,
+    handle: Callable[[list[Record], TableStates], Awaitable[None]],
     table: Any,
     after: Callable[[list[Record]], Awaitable[None]],
 ) -> None:
-    """Take records in batches; each batch prepared, completed, then acked (so Faust may commit it).
+    """Take records in batches; each batch handled to completion, then acked (so Faust may commit it).
 
-    One batch completes (its outputs and states on their way to Kafka) while
-    the next is taken and prepared: the round trips overlap the work instead
-    of idling it. Batches complete and are acked in order. `after` sees each
-    batch once it is acked (to re-read records the consumer skipped).
+    `after` sees each batch once it is acked (to re-read records the consumer skipped).
     """
-    completing: asyncio.Future[None] | None = None
     # noack_take (not take): take acks each record as it enters the buffer,
     # before the batch is processed; here nothing is acked until it is done.
     batches = stream.noack_take(settings.batch_max_records, within=settings.batch_wait_s)  # type: ignore[attr-defined]
-    try:
-        async for events in batches:
-            records = [_record(event) for event in events]
-            store = TableStates(table, {event.message.partition: event for event in events})
-            try:
-                prepared = worker.prepare(records, store)
-                if completing is not None:
-                    await completing
-            except BaseException:  # noqa: BLE001 - logged there, and the process exits
-                _exit_for_reprocessing(records)
-            completing = asyncio.ensure_future(_complete(stream, worker, prepared, store, events, after))
-    finally:
-        if completing is not None:
-            await completing
-
-
-async def _complete(
-    stream: faust.StreamT[bytes],
-    worker: SubjectWorker,
-    prepared: Prepared,
-    store: TableStates,
-    events: list[Any],
-    after: Callable[[list[Record]], Awaitable[None]],
-) -> None:
-    try:
-        await worker.complete(prepared, store)
-    except BaseException:  # noqa: BLE001 - logged there, and the process exits
-        _exit_for_reprocessing(prepared.records)
-    for event in events:
-        await stream.ack(event)
-    await after(prepared.records)
+    async for events in batches:
+        records = [_record(event) for event in events]
+        try:
+            await handle(records, TableStates(table, {event.message.partition: event for event in events}))
+        except BaseException:  # noqa: BLE001 - logged there, and the process exits
+            _exit_for_reprocessing(records)
+        for event in events:
+            await stream.ack(event)
+        await after(records)
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
@@ -233,7 +207,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.agent(inputs, name="trialwatch.subjects")
     async def subjects_agent(stream: faust.StreamT[bytes]) -> None:
-        await _drive_batches(stream, settings, worker, subjects, reread_skipped)
+        await _drive_batches(stream, settings, worker.handle_batch, subjects, reread_skipped)
 
     skips = SkipDetector()
 

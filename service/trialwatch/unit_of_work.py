@@ -67,8 +67,6 @@ class SubjectWork:
     applied: list[tuple[InputEvent | Tick, datetime]] = field(default_factory=list)
     last: Record | None = None
     last_event_id: str | None = None
-    # Whether `saved` is a state an earlier batch computed and is still writing.
-    from_pending: bool = False
 
     def roll_back(self, engine: Engine) -> None:
         """Back to the state after the last input that succeeded (the engine updates states in place).
@@ -136,9 +134,6 @@ class UnitOfWork:
         # the store still holds that very object, parsing it again gives the
         # same state (a third of an event's cost). Owned by the worker.
         self.parsed = parsed
-        # States computed by batches whose writes are not yet acknowledged,
-        # with the bytes being written: the next batch starts from these.
-        self.pending: dict[bytes, tuple[bytes, SubjectState]] = {}
 
     def compute(self, records: list[Record], states: States) -> Batch:
         batch = Batch()
@@ -150,30 +145,19 @@ class UnitOfWork:
         return batch
 
     def subject(self, record: Record, states: States, batch: Batch) -> SubjectWork:
-        """The subject's work in this batch, its state loaded on first use.
-
-        The newest state is the one an earlier batch still being delivered
-        computed (`pending`), else the store's. Either way the batch takes the
-        parsed object out: the engine updates it in place.
-        """
+        """The subject's work in this batch, its state loaded on first use."""
         assert record.key is not None
         work = batch.subjects.get(record.key)
         if work is None:
-            raw: bytes | None
-            pending = self.pending.pop(record.key, None)
-            if pending is not None:
-                raw, state = pending
+            raw = states.get(record.key)
+            cached = self.parsed.pop(record.key, None)
+            if raw is None:
+                state = None
+            elif cached is not None and cached[0] is raw:
+                state = cached[1]
             else:
-                raw = states.get(record.key)
-                cached = self.parsed.pop(record.key, None)
-                if raw is None:
-                    state = None
-                elif cached is not None and cached[0] is raw:
-                    state = cached[1]
-                else:
-                    state = SubjectState.from_bytes(raw)
+                state = SubjectState.from_bytes(raw)
             work = batch.subjects[record.key] = SubjectWork(record.key, record.partition, raw, state)
-            work.from_pending = pending is not None
         return work
 
     def load(

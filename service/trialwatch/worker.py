@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,13 +17,13 @@ import structlog
 
 from trialwatch.contract import reveals_arm
 from trialwatch.decode import Rejection
-from trialwatch.engine import Engine, SubjectState
+from trialwatch.engine import Engine
 from trialwatch.engine.state import StateHeader, header_of
 from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState
 from trialwatch.failures import where
 from trialwatch.metrics import Metrics, alert_labels, site_label
 from trialwatch.records import Record, tick_payload
-from trialwatch.unit_of_work import Batch, MappingStates, Out, States, UnitOfWork
+from trialwatch.unit_of_work import Batch, MappingStates, Out, States, SubjectWork, UnitOfWork
 
 __all__ = ["MAX_STATE_BYTES", "DeadlineIndex", "OpenAlertIndex", "Record", "SubjectWorker", "tick_payload"]
 
@@ -91,26 +90,6 @@ class OpenAlertIndex:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class Save:
-    """One subject's state to write, with the header the in-memory indexes take from it."""
-
-    key: bytes
-    partition: int
-    raw: bytes
-    header: StateHeader
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A computed batch waiting to be delivered and saved."""
-
-    records: list[Record]
-    batch: Batch
-    saves: list[Save]
-    computed_s: float
-
-
 class SubjectWorker:
     """Runs batches: compute (no I/O), deliver every output, write each touched state once.
 
@@ -153,7 +132,6 @@ class SubjectWorker:
         # For the stall watchdog: is a batch being handled, and since when is
         # the agent idle.
         self.busy = False
-        self.in_flight = 0
         self.last_activity = time.monotonic()
         self.work = UnitOfWork(engine, clock, ticks_topic=ticks_topic, arm_facts_topic=arm_facts_topic, parsed={})
 
@@ -167,35 +145,21 @@ class SubjectWorker:
         The caller must not let their offsets be committed before this returns.
         """
         store = states if hasattr(states, "put") else MappingStates(states)
-        await self.complete(self.prepare(records, store), store)
-
-    def prepare(self, records: list[Record], store: States) -> Prepared:
-        """Compute a batch (no I/O) and the states it will write.
-
-        Prepared batches must be completed in the order they were prepared;
-        the next one may be prepared while the previous one completes (it
-        starts from the states the previous one is writing).
-        """
-        self.in_flight += 1
         self.busy = True
-        started = time.perf_counter()
-        batch = self.work.compute(records, store)
-        saves = self._serialise(batch)
-        return Prepared(records, batch, saves, time.perf_counter() - started)
-
-    async def complete(self, prepared: Prepared, store: States) -> None:
-        """Deliver a prepared batch's outputs, then write its states; both acknowledged by Kafka on return."""
         try:
-            await self._deliver_all(prepared.batch.sends)
-            await self._save_all(prepared.saves, store)
-            self._account(prepared.batch, prepared.records, prepared.computed_s)
+            started = time.perf_counter()
+            batch = self.work.compute(records, store)
+            saves = self._serialise(batch)
+            computed = time.perf_counter() - started
+            await self._deliver_all(batch.sends)
+            await self._save_all(saves, store)
+            self._account(batch, records, computed)
         finally:
-            self.in_flight -= 1
-            self.busy = self.in_flight > 0
+            self.busy = False
             self.last_activity = time.monotonic()
 
-    def _serialise(self, batch: Batch) -> list[Save]:
-        """Each touched subject's state as it will be written, made the starting point of the next batch.
+    def _serialise(self, batch: Batch) -> list[tuple[SubjectWork, bytes]]:
+        """Each touched subject's state as it will be written.
 
         A state too large for a changelog record is not written: Kafka would
         refuse it in Faust's background producer and crash the worker on the
@@ -203,32 +167,27 @@ class SubjectWorker:
         (processing_error, paged) and the subject stays at its last saved
         state; the alerts already computed still go out.
         """
-        out: list[Save] = []
+        out: list[tuple[SubjectWork, bytes]] = []
         for work in batch.subjects.values():
-            if work.state is not None and work.last is not None:
-                raw = work.state.to_bytes()
-                if len(raw) <= MAX_STATE_BYTES:
-                    out.append(Save(work.key, work.partition, raw, header_of(work.state)))
-                    self.work.pending[work.key] = (raw, work.state)
-                    continue
+            if work.state is None or work.last is None:
+                continue
+            raw = work.state.to_bytes()
+            if len(raw) > MAX_STATE_BYTES:
                 error = ValueError(f"subject state of {len(raw):,} bytes is over {MAX_STATE_BYTES:,}: not saved")
                 self.work.failed(batch, work.last, error, "saving the subject's state", work.last_event_id)
-            if work.from_pending and work.saved is not None:
-                # Nothing new to write: the earlier batch's state is still the newest.
-                self.work.pending[work.key] = (work.saved, SubjectState.from_bytes(work.saved))
+                continue
+            out.append((work, raw))
         return out
 
-    async def _save_all(self, saves: list[Save], store: States) -> None:
+    async def _save_all(self, saves: list[tuple[SubjectWork, bytes]], store: States) -> None:
         """Write each state once, to its subject's partition, and wait until Kafka has them all."""
         await self._retry_until_acked(
-            saves, lambda save: store.put(save.partition, save.key, save.raw), lambda _: "changelog"
+            saves, lambda item: store.put(item[0].partition, item[0].key, item[1]), lambda _: "changelog"
         )
-        for save in saves:
-            pending = self.work.pending.get(save.key)
-            if pending is not None and pending[0] is save.raw:
-                # No later batch took this state: it is the saved one now.
-                self.work.parsed[save.key] = self.work.pending.pop(save.key)
-            self.index(save.partition, save.key, save.header)
+        for work, raw in saves:
+            assert work.state is not None
+            self.work.parsed[work.key] = (raw, work.state)
+            self.index(work.partition, work.key, header_of(work.state))
 
     def _account(self, batch: Batch, records: list[Record], computed_s: float) -> None:
         """Metrics and log lines of a delivered batch, and how far each partition got."""
@@ -296,7 +255,6 @@ class SubjectWorker:
 
     async def handle_arm_fact(self, record: Record, arms: MutableMapping[bytes, bytes]) -> None:
         """Fold one subject's fact into its arm's counts; publish a boundary alert when crossed."""
-        self.in_flight += 1
         self.busy = True
         batch = Batch()
         state: ArmState | None = None
@@ -317,8 +275,7 @@ class SubjectWorker:
                 arms[fact.arm.encode()] = state.to_bytes()
             self._account(batch, [record], 0.0)
         finally:
-            self.in_flight -= 1
-            self.busy = self.in_flight > 0
+            self.busy = False
             self.last_activity = time.monotonic()
 
     async def _deliver_all(self, records: list[Out]) -> None:
