@@ -63,21 +63,24 @@ def _record(event: Any) -> Record:
     return Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, msg.timestamp)
 
 
-async def _drive(stream: faust.StreamT[bytes], handle: Callable[[Record], Awaitable[None]]) -> None:
-    """Hand each record of an agent's stream to `handle`, one at a time, to completion."""
+async def _drive(stream: faust.StreamT[bytes], handle: Callable[[Record, Any], Awaitable[None]], table: Any) -> None:
+    """Hand each record of an agent's stream to `handle` with `table` as its store, one at a time, to completion."""
     async for event in stream.events():
         record = _record(event)
         try:
-            await handle(record)
+            await handle(record, TableStates(table, {record.partition: event}))
         except BaseException:  # noqa: BLE001 - logged there, and the process exits
             _exit_for_reprocessing([record])
 
 
 class TableStates:
-    """The subjects table as the worker's state store: reads, and writes to an explicit partition.
+    """A table as the worker's state store: reads, and writes to an explicit partition.
 
     Faust's `table[key] = value` takes the partition from the stream's current
-    event; in a batch the current event is some other record's. A write here
+    event; in a batch the current event is some other record's. It also checks
+    the changelog's partition count against cluster metadata that, right
+    after a new deployment creates the changelog, may not list it yet (seen:
+    the first arm fact crashed the worker with PartitionsMismatch). A write here
     goes to the partition given (the subject's, which its records came from),
     in the store (RocksDB picks its per-partition database from the current
     event, so that is set to one of the partition's records) and in the
@@ -308,7 +311,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.agent(app.topic(settings.arm_facts_topic, **_RAW), name="trialwatch.arms")
     async def arms_agent(stream: faust.StreamT[bytes]) -> None:
-        await _drive(stream, lambda record: worker.handle_arm_fact(record, arm_states))
+        await _drive(stream, worker.handle_arm_fact, arm_states)
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def gauges() -> None:

@@ -253,8 +253,9 @@ class SubjectWorker:
         self.deadlines.update(partition, key, header.next_deadline_at if header is not None else None)
         self.open_alerts.update(partition, key, header.open_alerts if header is not None else {})
 
-    async def handle_arm_fact(self, record: Record, arms: MutableMapping[bytes, bytes]) -> None:
+    async def handle_arm_fact(self, record: Record, arms: States | MutableMapping[bytes, bytes]) -> None:
         """Fold one subject's fact into its arm's counts; publish a boundary alert when crossed."""
+        store = arms if hasattr(arms, "put") else MappingStates(arms)
         self.busy = True
         batch = Batch()
         state: ArmState | None = None
@@ -262,7 +263,7 @@ class SubjectWorker:
         try:
             try:
                 fact = ArmFact.from_bytes(record.value or b"")
-                raw = arms.get(fact.arm.encode())
+                raw = store.get(fact.arm.encode())
                 state, alerts = self.arm_monitor.apply(
                     ArmState.from_bytes(raw) if raw is not None else None, fact, self.clock()
                 )
@@ -272,7 +273,10 @@ class SubjectWorker:
                 self.work.alerts(batch, alerts, record)
             await self._deliver_all(batch.sends)
             if state is not None and fact is not None:
-                arms[fact.arm.encode()] = state.to_bytes()
+                key, value = fact.arm.encode(), state.to_bytes()
+                await self._retry_until_acked(
+                    [value], lambda v: store.put(record.partition, key, v), lambda _: "changelog"
+                )
             self._account(batch, [record], 0.0)
         finally:
             self.busy = False
