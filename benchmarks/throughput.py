@@ -1,4 +1,4 @@
-"""Throughput of the live worker against the ceiling of a raw aiokafka consume->produce loop, on one broker.
+"""Throughput and latency of the live worker against the ceiling of a raw aiokafka consume->produce loop.
 
 Run with `make bench` (a fresh broker of its own) or, against a broker you
 run, `KAFKA_BOOTSTRAP_SERVERS=host:port .venv/bin/python benchmarks/throughput.py`.
@@ -102,6 +102,7 @@ def start_worker(
     bootstrap: str, workdir: Path, app_id: str, port: int, log_level: str = "warning"
 ) -> subprocess.Popen[bytes]:
     """A `trialwatch worker` process of group `app_id`, its data and its log (worker.log) in `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -129,24 +130,143 @@ def wait_consuming(proc: subprocess.Popen[bytes], port: int, workdir: Path) -> N
         time.sleep(0.2)
 
 
-def worker_run(bootstrap: str, workdir: Path) -> tuple[float, str]:
-    """Start a worker with a new group, time it from consuming to every input committed; return its metrics too."""
-    port = 16900 + os.getpid() % 100
-    app_id = f"bench-{uuid.uuid4().hex[:8]}"
-    proc = start_worker(bootstrap, workdir, app_id, port)
-    url = f"http://127.0.0.1:{port}"
+def faust_ceiling(bootstrap: str, total: int) -> float:
+    """Seconds Faust's own delivery path takes to hand `total` input records to an agent that does nothing."""
+    script = Path(__file__).with_name("faust_ceiling.py")
+    with tempfile.TemporaryDirectory(prefix="trialwatch-bench-faust-") as tmp:
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "TOTAL": str(total)}
+        cmd = [sys.executable, str(script), "worker", "-l", "warn", "--without-web"]
+        done = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    # Faust's worker turns prints into log lines on stderr.
+    found = re.search(r"faust-ceiling (\d+) ([0-9.]+)", done.stdout + done.stderr)
+    if found is None:
+        raise RuntimeError(f"faust_ceiling.py printed no figure:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return float(found.group(2))
+
+
+def total_records(bootstrap: str) -> int:
+    async def count() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            await consumer._client.force_metadata_update()
+            tps = [TopicPartition(t, p) for t in INPUT_TOPICS for p in (consumer.partitions_for_topic(t) or ())]
+            starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+            return sum(ends[tp] - starts[tp] for tp in tps)
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(count())
+
+
+def until_committed(bootstrap: str, app_id: str, procs: list[subprocess.Popen[bytes]], workdir: Path) -> float:
+    """Seconds until group `app_id` has committed every input record (counted from now)."""
+    started = time.perf_counter()
+    while not asyncio.run(committed_all(bootstrap, app_id)):
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a worker exited: see {workdir}")
+        time.sleep(0.5)
+    return time.perf_counter() - started
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def renamed(lines: list[dict[str, object]], tag: str) -> list[dict[str, object]]:
+    """The cohort under other subject codes (and ids), so its events are new to a worker that saw the original."""
+    return [json.loads(json.dumps(line).replace('"TWS-', f'"TW{tag}-')) for line in lines]
+
+
+async def offered_load(bootstrap: str, rate: int, seconds: float, background: list[dict[str, object]]) -> str:
+    """Event-to-alert latency of probe events sent among background events at `rate` events/s in total.
+
+    A probe is a critically low platelet count of a new subject: it raises an
+    alert at once. Latency: from just before the probe is sent to the moment
+    its alert is read from trial.alerts.v1 (one clock, this process).
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=1)
+    alerts = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await producer.start()
+    await alerts.start()
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
     try:
-        wait_consuming(proc, port, workdir)
+        await alerts._client.force_metadata_update()
+        alerts.assign(
+            [TopicPartition("trial.alerts.v1", p) for p in alerts.partitions_for_topic("trial.alerts.v1") or ()]
+        )
+        await alerts.seek_to_end()
+        tag = uuid.uuid4().hex[:6]
+        probes_per_s, step_s = 20, 0.01
+        per_step = max(0.0, (rate - probes_per_s) * step_s)
+        source = iter(background)
+        owed, sent, probes = 0.0, 0, 0
         started = time.perf_counter()
-        while not asyncio.run(committed_all(bootstrap, app_id)):
-            time.sleep(0.5)
-        elapsed = time.perf_counter() - started
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-            metrics = r.read().decode()
-        return elapsed, metrics
+        reader = asyncio.create_task(_read_probe_alerts(alerts, sent_at, latencies))
+        while (elapsed := time.perf_counter() - started) < seconds:
+            owed += per_step
+            while owed >= 1:
+                line = next(source)
+                value = line["value"]
+                assert isinstance(value, dict)
+                await producer.send(
+                    str(line["topic"]), json.dumps(value).encode(), key=str(value["subject_id"]).encode()
+                )
+                owed -= 1
+                sent += 1
+            if probes < elapsed * probes_per_s:
+                subject = f"PROBE-{tag}-{probes:05d}"
+                probe = {
+                    "event_id": f"{subject}-1",
+                    "subject_id": subject,
+                    "site_id": "SITE-FS",
+                    "occurred_at": "2025-06-02T08:00:00+08:00",
+                    "analyte": "platelets",
+                    "value": 20.0,
+                    "unit": "10*9/L",
+                }
+                sent_at[subject] = time.time()
+                await producer.send("trial.labs.v1", json.dumps(probe).encode(), key=subject.encode())
+                probes += 1
+            await asyncio.sleep(max(0.0, started + (elapsed // step_s + 1) * step_s - time.perf_counter()))
+        await producer.flush()
+        offered = (sent + probes) / (time.perf_counter() - started)
+        deadline = time.monotonic() + 60
+        while len(latencies) < probes and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        reader.cancel()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        await producer.stop()
+        await alerts.stop()
+    return _latency_line(rate, offered, probes, latencies)
+
+
+async def _read_probe_alerts(alerts: AIOKafkaConsumer, sent_at: dict[str, float], latencies: list[float]) -> None:
+    while True:
+        batch = await alerts.getmany(timeout_ms=100)
+        now = time.time()
+        for records in batch.values():
+            for rec in records:
+                subject = json.loads(rec.value or b"{}").get("subject_id")
+                if subject in sent_at:
+                    latencies.append(now - sent_at.pop(subject))
+
+
+def _latency_line(rate: int, offered: float, probes: int, latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    if not ordered:
+        return f"  offered {rate:>5,}/s (sent {offered:7,.0f}/s): no probe alert within 60 s: not sustained"
+    p50 = ordered[len(ordered) // 2]
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    # A worker that keeps up answers the last probes as fast as the first ones.
+    sustained = len(ordered) == probes and p99 < 1.0
+    mark = "" if sustained else "   <- not sustained: the worker fell behind"
+    return (
+        f"  offered {rate:>5,}/s (sent {offered:7,.0f}/s): p50 {1000 * p50:7.1f} ms  p99 {1000 * p99:7.1f} ms"
+        f"  ({len(ordered)}/{probes} probes){mark}"
+    )
 
 
 def metric(text: str, name: str) -> float:
@@ -158,6 +278,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--subjects", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--load-seconds", type=float, default=10.0, help="length of each offered-load phase")
     args = parser.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
@@ -173,13 +294,52 @@ def main() -> int:
     # the loops below process everything there (the figures stay per record).
     raw_s = asyncio.run(raw_loop(bootstrap, len(lines)))
     print(f"raw aiokafka consume->decode->produce:    {raw_s:6.2f} s  {len(lines) / raw_s:9,.0f} events/s", flush=True)
+    faust_s = faust_ceiling(bootstrap, len(lines))
+    print(
+        f"Faust agent, take and ack only:           {faust_s:6.2f} s  {len(lines) / faust_s:9,.0f} events/s", flush=True
+    )
     with tempfile.TemporaryDirectory(prefix="trialwatch-bench-") as tmp:
-        worker_s, metrics = worker_run(bootstrap, Path(tmp))
-    count = metric(metrics, "trialwatch_event_processing_duration_seconds_count")
-    inside = metric(metrics, "trialwatch_event_processing_duration_seconds_sum")
-    print(f"trialwatch worker (1 process):            {worker_s:6.2f} s  {count / worker_s:9,.0f} events/s")
-    print(f"  of which inside the worker shell: {inside:.2f} s, {1000 * inside / count:.3f} ms per event")
-    print(f"  worker / raw ceiling: {raw_s / worker_s:.0%}")
+        workdir = Path(tmp)
+        port = 16900 + os.getpid() % 100
+        app_id = f"bench-{uuid.uuid4().hex[:8]}"
+        proc = start_worker(bootstrap, workdir, app_id, port)
+        try:
+            wait_consuming(proc, port, workdir)
+            worker_s = until_committed(bootstrap, app_id, [proc], workdir)
+            metrics = scrape(port)
+            count = metric(metrics, "trialwatch_event_processing_duration_seconds_count")
+            inside = metric(metrics, "trialwatch_event_processing_duration_seconds_sum")
+            batches = metric(metrics, "trialwatch_batch_records_count")
+            print(f"trialwatch worker (1 process):            {worker_s:6.2f} s  {count / worker_s:9,.0f} events/s")
+            print(
+                f"  computing (decode, rules, outputs): {inside:.2f} s, {1000 * inside / count:.3f} ms per event;"
+                f" {count / batches:,.0f} records per batch"
+            )
+            print(f"  worker / raw ceiling: {raw_s / worker_s:.0%}", flush=True)
+            print("event -> alert latency, 1 worker caught up, probes among background events:")
+            for n, rate in enumerate((200, 1000, 5000)):
+                background = renamed(lines, f"L{n}")
+                print(asyncio.run(offered_load(bootstrap, rate, args.load_seconds, background)), flush=True)
+                until_committed(bootstrap, app_id, [proc], workdir)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        total = total_records(bootstrap)
+        pair_id = f"bench-{uuid.uuid4().hex[:8]}"
+        pair = [start_worker(bootstrap, workdir / f"w{i}", pair_id, port + 1 + i) for i in range(2)]
+        try:
+            for i, p in enumerate(pair):
+                wait_consuming(p, port + 1 + i, workdir / f"w{i}")
+            pair_s = until_committed(bootstrap, pair_id, pair, workdir)
+            print(
+                f"trialwatch workers (2 processes, new group, all {total:,} input records): "
+                f"{pair_s:6.2f} s  {total / pair_s:9,.0f} events/s combined"
+            )
+        finally:
+            for p in pair:
+                p.terminate()
+            for p in pair:
+                p.wait(timeout=30)
     return 0
 
 
