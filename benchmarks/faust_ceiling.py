@@ -33,7 +33,7 @@ seen = {"records": 0, "started": 0.0}
 
 @app.agent(app.topic(*INPUT_TOPICS, **_RAW))
 async def take_and_ack(stream: Any) -> None:
-    # As the worker takes its input (app._drive_batches), minus the work.
+    # As the worker takes its input (runtime.drive_batches), minus the work.
     async for events in stream.noack_take(2000, within=0.005):
         if not seen["records"]:
             seen["started"] = time.perf_counter()
