@@ -1,7 +1,8 @@
 """One batch of input records, computed without I/O: what to send, and which subject states to write.
 
-The handlers here (an event, a tick, an arm fact) are synchronous: they read
-states, run the engine and collect outputs. The worker then delivers the
+The handlers here (an event, a tick) are synchronous: they read states, run
+the engine and collect outputs; the worker's arm-fact handler reuses their
+error policy and alert output. The worker then delivers the
 outputs, writes each touched subject's state once, and only then lets the
 batch's offsets be committed. Keeping the computation free of awaits is what
 makes a batch cheap: no Kafka round trip per record.
@@ -40,6 +41,11 @@ class States(Protocol):
 
     def put(self, partition: int, key: bytes, value: bytes) -> Any:
         """Write one state to `partition`; may return an awaitable acknowledged by Kafka."""
+
+
+def as_states(states: Any) -> States:
+    """`states` itself when it is a `States`, else the mapping it is (tests) wrapped as one."""
+    return states if hasattr(states, "put") else MappingStates(states)
 
 
 class MappingStates:
@@ -115,7 +121,7 @@ class Batch:
 
 
 class UnitOfWork:
-    """The handlers: event, tick, arm fact. Each turns one record into outputs on a `Batch`."""
+    """The handlers: event and tick. Each turns one record into outputs on a `Batch`."""
 
     def __init__(
         self,
@@ -124,7 +130,6 @@ class UnitOfWork:
         *,
         ticks_topic: str | None,
         arm_facts_topic: str | None,
-        parsed: dict[bytes, tuple[bytes, SubjectState]],
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -132,8 +137,9 @@ class UnitOfWork:
         self.arm_facts_topic = arm_facts_topic
         # Parsed states by key with the bytes object they were saved as: while
         # the store still holds that very object, parsing it again gives the
-        # same state (a third of an event's cost). Owned by the worker.
-        self.parsed = parsed
+        # same state (a third of an event's cost). The worker puts each state
+        # it saved here.
+        self.parsed: dict[bytes, tuple[bytes, SubjectState]] = {}
 
     def compute(self, records: list[Record], states: States) -> Batch:
         batch = Batch()

@@ -18,12 +18,12 @@ import structlog
 from trialwatch.contract import reveals_arm
 from trialwatch.decode import Rejection
 from trialwatch.engine import Engine
-from trialwatch.engine.state import StateHeader, header_of
+from trialwatch.engine.state import StateHeader, encode_with_header
 from trialwatch.engine.toxicity import ArmFact, ArmMonitor, ArmState
 from trialwatch.failures import where
 from trialwatch.metrics import Metrics, alert_labels, site_label
 from trialwatch.records import Record, tick_payload
-from trialwatch.unit_of_work import Batch, MappingStates, Out, States, SubjectWork, UnitOfWork
+from trialwatch.unit_of_work import Batch, Out, States, SubjectWork, UnitOfWork, as_states
 
 __all__ = ["MAX_STATE_BYTES", "DeadlineIndex", "OpenAlertIndex", "Record", "SubjectWorker", "tick_payload"]
 
@@ -133,7 +133,7 @@ class SubjectWorker:
         # the agent idle.
         self.busy = False
         self.last_activity = time.monotonic()
-        self.work = UnitOfWork(engine, clock, ticks_topic=ticks_topic, arm_facts_topic=arm_facts_topic, parsed={})
+        self.work = UnitOfWork(engine, clock, ticks_topic=ticks_topic, arm_facts_topic=arm_facts_topic)
 
     async def handle(self, record: Record, states: States | MutableMapping[bytes, bytes]) -> None:
         """One record as a batch of one."""
@@ -144,7 +144,7 @@ class SubjectWorker:
 
         The caller must not let their offsets be committed before this returns.
         """
-        store = states if hasattr(states, "put") else MappingStates(states)
+        store = as_states(states)
         self.busy = True
         try:
             started = time.perf_counter()
@@ -153,12 +153,17 @@ class SubjectWorker:
             computed = time.perf_counter() - started
             await self._deliver_all(batch.sends)
             await self._save_all(saves, store)
-            self._account(batch, records, computed)
+            self._account(batch, records)
+            if records:
+                self.metrics.batch_records.observe(len(records))
+                per_record = computed / len(records)
+                for _ in records:
+                    self.metrics.processing_seconds.observe(per_record)
         finally:
             self.busy = False
             self.last_activity = time.monotonic()
 
-    def _serialise(self, batch: Batch) -> list[tuple[SubjectWork, bytes]]:
+    def _serialise(self, batch: Batch) -> list[tuple[SubjectWork, bytes, StateHeader]]:
         """Each touched subject's state as it will be written.
 
         A state too large for a changelog record is not written: Kafka would
@@ -167,29 +172,29 @@ class SubjectWorker:
         (processing_error, paged) and the subject stays at its last saved
         state; the alerts already computed still go out.
         """
-        out: list[tuple[SubjectWork, bytes]] = []
+        out: list[tuple[SubjectWork, bytes, StateHeader]] = []
         for work in batch.subjects.values():
             if work.state is None or work.last is None:
                 continue
-            raw = work.state.to_bytes()
+            raw, header = encode_with_header(work.state)
             if len(raw) > MAX_STATE_BYTES:
                 error = ValueError(f"subject state of {len(raw):,} bytes is over {MAX_STATE_BYTES:,}: not saved")
                 self.work.failed(batch, work.last, error, "saving the subject's state", work.last_event_id)
                 continue
-            out.append((work, raw))
+            out.append((work, raw, header))
         return out
 
-    async def _save_all(self, saves: list[tuple[SubjectWork, bytes]], store: States) -> None:
+    async def _save_all(self, saves: list[tuple[SubjectWork, bytes, StateHeader]], store: States) -> None:
         """Write each state once, to its subject's partition, and wait until Kafka has them all."""
         await self._retry_until_acked(
             saves, lambda item: store.put(item[0].partition, item[0].key, item[1]), lambda _: "changelog"
         )
-        for work, raw in saves:
+        for work, raw, header in saves:
             assert work.state is not None
             self.work.parsed[work.key] = (raw, work.state)
-            self.index(work.partition, work.key, header_of(work.state))
+            self.index(work.partition, work.key, header)
 
-    def _account(self, batch: Batch, records: list[Record], computed_s: float) -> None:
+    def _account(self, batch: Batch, records: list[Record]) -> None:
         """Metrics and log lines of a delivered batch, and how far each partition got."""
         for record in records:
             self.next_offset[(record.topic, record.partition)] = record.offset + 1
@@ -211,11 +216,6 @@ class SubjectWorker:
             self._log_alert(produced.alert, produced.record)
         for at in batch.alerted_at:
             self.metrics.event_to_alert_seconds.observe(max(0.0, now - at))
-        if records:
-            self.metrics.batch_records.observe(len(records))
-            per_record = computed_s / len(records)
-            for _ in records:
-                self.metrics.processing_seconds.observe(per_record)
 
     def _log_failure(self, record: Record, rejection: Rejection, error: Exception | None, during: str | None) -> None:
         bound = log.bind(topic=record.topic, partition=record.partition, offset=record.offset)
@@ -255,7 +255,7 @@ class SubjectWorker:
 
     async def handle_arm_fact(self, record: Record, arms: States | MutableMapping[bytes, bytes]) -> None:
         """Fold one subject's fact into its arm's counts; publish a boundary alert when crossed."""
-        store = arms if hasattr(arms, "put") else MappingStates(arms)
+        store = as_states(arms)
         self.busy = True
         batch = Batch()
         state: ArmState | None = None
@@ -277,7 +277,7 @@ class SubjectWorker:
                 await self._retry_until_acked(
                     [value], lambda v: store.put(record.partition, key, v), lambda _: "changelog"
                 )
-            self._account(batch, [record], 0.0)
+            self._account(batch, [record])
         finally:
             self.busy = False
             self.last_activity = time.monotonic()

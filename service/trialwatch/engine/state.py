@@ -223,8 +223,14 @@ def header_of(state: SubjectState) -> StateHeader:
     return StateHeader(state.next_deadline_at, counts)
 
 
+def encode_with_header(state: SubjectState) -> tuple[bytes, StateHeader]:
+    """The state's record, and the header written in it (for the caller's indexes: computed once)."""
+    header = header_of(state)
+    return FORMAT_1 + _encoder.encode(header) + b"\n" + _encoder.encode(state), header
+
+
 def encode_state(state: SubjectState) -> bytes:
-    return FORMAT_1 + _encoder.encode(header_of(state)) + b"\n" + _encoder.encode(state)
+    return encode_with_header(state)[0]
 
 
 def decode_state(data: bytes) -> SubjectState:
